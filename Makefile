@@ -1,0 +1,46 @@
+# chainbench set-up, main job and tests.  Every target is idempotent and installs what it needs.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CB := $(VENV)/bin/chainbench
+export CHAINBENCH_CACHE ?= /var/cache/chainbench
+
+APT_PACKAGES := python3 python3-venv python3-dev gcc libc6-dev make git file \
+	containerd runc qemu-system-x86 busybox-static linux-source-6.1 \
+	flex bison libelf-dev libssl-dev bc cpio xz-utils util-linux iproute2 procps
+
+.PHONY: setup apt venv assets kernel run test protos calibration clean-runs
+
+setup: apt venv assets
+
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing: $$missing"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+assets: venv
+	$(PY) -m bench.runtimes.assets
+
+kernel: venv
+	$(PY) -m bench.vm.kernel
+
+# The main job: bench + simulate the default scenario and write a report.
+run: setup
+	$(CB) run
+
+test: setup
+	$(PY) -m pytest -q
+
+protos: venv
+	$(CB) protogen

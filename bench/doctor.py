@@ -1,0 +1,153 @@
+"""Owns: the prerequisite check (`chainbench doctor [--json]`).
+
+Each check says what it found, what is missing and the command that installs it; the exit code is
+0 only when every required check passes, so set-up scripts and CI can gate on it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+APT = "apt-get install -y"
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    found: str
+    fix: str
+    required: bool = True
+
+
+def _version(cmd: list[str], pattern: str) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"error: {exc}"
+    text = out.stdout + out.stderr
+    m = re.search(pattern, text)
+    if m:
+        return m.group(1)
+    lines = text.strip().splitlines()
+    return lines[0] if lines else "unknown"
+
+
+def tool_versions() -> dict[str, str]:
+    """Versions of the real peers, recorded in every run's host facts."""
+    vers: dict[str, str] = {"python": sys.version.split()[0]}
+    if shutil.which("runc"):
+        vers["runc"] = _version(["runc", "--version"], r"runc version (\S+)")
+    if shutil.which("containerd"):
+        vers["containerd"] = _version(["containerd", "--version"], r"containerd \S+ (\S+)")
+    if shutil.which("qemu-system-x86_64"):
+        vers["qemu"] = _version(["qemu-system-x86_64", "--version"], r"version (\S+)")
+    return vers
+
+
+def accel_mode() -> str:
+    """kvm only with a real vendor module: /dev/kvm here may be KVM-PVM, which runs no stock guest."""
+    for mod in ("kvm_intel", "kvm_amd"):
+        if Path("/sys/module", mod).exists() and os.path.exists("/dev/kvm"):
+            return "kvm"
+    return "tcg"
+
+
+def _binary(name: str, package: str, version_cmd: list[str] | None = None,
+            pattern: str = r"(\S+)") -> Check:
+    path = shutil.which(name)
+    if not path:
+        return Check(name, False, "not found", f"{APT} {package}")
+    found = path
+    if version_cmd:
+        found += f" ({_version(version_cmd, pattern)})"
+    return Check(name, True, found, "")
+
+
+def _guest_kernel() -> Check:
+    try:
+        from bench.vm import kernel  # type: ignore[import-not-found]
+    except ImportError:
+        return Check("guest kernel", False, "microVM support not built in this revision",
+                     "make kernel", required=False)
+    info = kernel.find_kernel()
+    if info is None:
+        return Check("guest kernel", False, "no vmlinux built", "make kernel")
+    return Check("guest kernel", True, f"{info.path} ({info.kind})", "")
+
+
+def _assets() -> list[Check]:
+    checks = []
+    try:
+        from bench.runtimes import assets  # type: ignore[import-not-found]
+    except ImportError:
+        return [Check("pause binary + rootfs", False, "bench.runtimes.assets missing",
+                      "pip install -e .", required=True)]
+    for label, fn in (("pause binary", "cached_pause"), ("busybox rootfs", "cached_rootfs")):
+        getter = getattr(assets, fn, None)
+        path = getter() if getter else None
+        ok = bool(path) and Path(path).exists()
+        checks.append(Check(label, ok, str(path) if ok else "not built",
+                            "" if ok else "python -m bench.runtimes.assets"))
+    return checks
+
+
+def run_checks() -> list[Check]:
+    checks = [
+        _binary("runc", "runc", ["runc", "--version"], r"runc version (\S+)"),
+        _binary("containerd", "containerd", ["containerd", "--version"], r"containerd \S+ (\S+)"),
+        _binary("containerd-shim-runc-v2", "containerd"),
+        _binary("ctr", "containerd"),
+        _binary("qemu-system-x86_64", "qemu-system-x86",
+                ["qemu-system-x86_64", "--version"], r"version (\S+)"),
+        _binary("busybox", "busybox-static"),
+    ]
+    bb = shutil.which("busybox")
+    if bb:
+        static = _is_static_elf(Path(bb))
+        checks.append(Check("busybox is static", static, bb, f"{APT} busybox-static"))
+    checks.append(Check("running as root", os.geteuid() == 0, f"euid {os.geteuid()}",
+                        "run as root (runc, namespaces and mounts need it)"))
+    checks += _assets()
+    checks.append(_guest_kernel())
+    accel = accel_mode()
+    checks.append(Check("accelerator", True, accel + (" (kvm_intel/kvm_amd loaded)" if accel == "kvm"
+                        else " (no kvm_intel/kvm_amd: software emulation)"), "", required=False))
+    return checks
+
+
+def _is_static_elf(path: Path) -> bool:
+    # No PT_INTERP program header means no dynamic loader: good enough without `file`.
+    try:
+        data = path.read_bytes()[:65536]
+    except OSError:
+        return False
+    return b"/lib64/ld-linux" not in data and b"/lib/ld-linux" not in data
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="chainbench doctor", description=__doc__)
+    ap.add_argument("--json", action="store_true")
+    ns = ap.parse_args(argv)
+    checks = run_checks()
+    ok = all(c.ok for c in checks if c.required)
+    if ns.json:
+        print(json.dumps({"ok": ok, "accel": accel_mode(), "checks": [asdict(c) for c in checks]},
+                         indent=2))
+    else:
+        width = max(len(c.name) for c in checks)
+        for c in checks:
+            mark = "ok " if c.ok else ("MISSING" if c.required else "absent ")
+            line = f"{mark:7} {c.name.ljust(width)}  {c.found}"
+            if not c.ok and c.fix:
+                line += f"\n{'':7} {'':{width}}  fix: {c.fix}"
+            print(line)
+        print("all prerequisites present" if ok else "some prerequisites are missing (see fix:)")
+    return 0 if ok else 1

@@ -1,0 +1,74 @@
+"""Scenario loader, step vocabulary, tracing and CLI routing."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from bench.tracing import Tracer, read_spans
+from scenarios.loader import ScenarioError, load_scenario, parse_scenario
+from sim.vocabulary import RUN_POD_STEPS, STEPS, StepRef
+
+
+def test_shipped_scenarios_load():
+    seq = load_scenario("runc-seq")
+    c10 = load_scenario("runc-c10")
+    assert (seq.pods, seq.concurrency) == (20, 1)
+    assert (c10.pods, c10.concurrency) == (50, 10)
+    assert set(seq.chains) == {"shim", "sandbox", "containerd"}
+    assert seq.digest and seq.digest != c10.digest
+    assert c10.memory_points()[-1] == 50
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("pods = 3", "'name' is required"),
+    ("name='x'\npods = 0", "pods must be an integer >= 1"),
+    ("name='x'\nchains=['kata']", "not in"),
+    ("name='x'\nbogus=1", "unknown keys"),
+    ("name='x'\nmemory_at=[99]\npods=3", "memory_at"),
+    ("name = ", "invalid TOML"),
+])
+def test_scenario_errors(text, msg):
+    with pytest.raises(ScenarioError, match=msg):
+        parse_scenario(text)
+
+
+def test_unknown_scenario_lists_shipped():
+    with pytest.raises(ScenarioError, match="runc-seq"):
+        load_scenario("does-not-exist")
+
+
+def test_vocabulary_closed():
+    for steps in RUN_POD_STEPS.values():
+        assert all(s.step in STEPS for s in steps)
+    with pytest.raises(ValueError, match="unknown step"):
+        StepRef("shim.sapwn", "engine")
+
+
+def test_tracer_records_and_reads(tmp_path):
+    t = Tracer.from_dir(tmp_path, "engine")
+    with t.span("p1", "RunPodSandbox", "engine.prepare"):
+        pass
+    with pytest.raises(RuntimeError):
+        with t.span("p1", "RunPodSandbox", "shim.spawn"):
+            raise RuntimeError("boom")  # failed steps are still recorded
+    with pytest.raises(ValueError):
+        t.record("p1", "RunPodSandbox", "not.a.step", 0, 1)
+    t.flush()
+    rows = read_spans(tmp_path)
+    assert [r["step"] for r in rows] == ["engine.prepare", "shim.spawn"]
+    assert all(r["end_ns"] >= r["start_ns"] and r["component"] == "engine" for r in rows)
+    disabled = Tracer.from_dir(None, "engine")
+    with disabled.span("p", "RunPodSandbox", "cri.recv"):
+        pass
+    assert not disabled.enabled
+
+
+def test_cli_usage_and_unknown_command():
+    out = subprocess.run([sys.executable, "-m", "bench.cli", "--help"], capture_output=True,
+                         text=True)
+    assert out.returncode == 0 and "summary" in out.stdout and "doctor" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "bench.cli", "frobnicate"], capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "unknown command" in bad.stderr
