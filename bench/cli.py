@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("sim.calibration", "fit step distributions from bench runs"),
     "validate": ("sim.validation", "calibrate on sequential runs, predict held-out ones"),
     "sweep": ("sim.sweep", "run a grid of simulated scenarios (local or Dask)"),
-    "protogen": ("bench.rpc.protogen", "regenerate the committed *_pb2*.py from bench/rpc/protos"),
+    "protogen": ("bench.rpc.protogen", "regenerate the committed *_pb2*.py from bench/rpc/pb/*.proto"),
 }
 
 
