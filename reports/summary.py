@@ -44,7 +44,8 @@ def memory_per_pod(memory: pd.DataFrame, roles: frozenset[str]) -> dict[str, flo
     out: dict[str, float | None] = {}
     for key, col, scale in (("pss_mb", "pss", MB), ("rss_mb", "rss", MB), ("procs", "procs", 1.0)):
         s = _slope(x, agg[col].to_numpy())
-        out[key] = None if s is None else round(s / scale, 4)
+        # `+ 0.0` turns a rounded -0.0 (flat slope) into 0.0 for display and JSON.
+        out[key] = None if s is None else round(s / scale, 4) + 0.0
     return out
 
 
