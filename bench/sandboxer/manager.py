@@ -1,0 +1,260 @@
+"""Owns: the sandboxer's sandbox lifecycle (create/start/stop/wait/shutdown), persistence and
+recovery, independent of the wire schema.
+
+Container (task) operations live in `containers.py`; the gRPC adapters in `controller.py` and
+the ttrpc Task adapter in `tasks.py` only translate messages and errors.
+
+Semantics (documented choices, Kuasar-like):
+* Start of a started (READY) sandbox is idempotent: the same answer again.  Start of a stopped
+  one is FAILED_PRECONDITION (its namespaces are gone).
+* Stop and Shutdown of an unknown sandbox succeed (Kuasar swallows NotFound); the other calls
+  answer NOT_FOUND.  Stop ignores timeout_secs (forced, like Kuasar).
+* The sandbox "pid" is the sandboxer's own pid while the sandbox is READY: no process lives in
+  the pinned namespaces, the sandboxer is what serves the pod.
+* The Task API socket lives from Start until Shutdown, so an engine can still Wait/Delete its
+  containers' tasks after Stop.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from pathlib import Path
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from bench.processes import remove_tree
+from bench.rpc.ttrpc import Code, Server
+from bench.sandboxer import nspin
+from bench.sandboxer.state import CREATED, READY, STOPPED, BadId, Sandbox, check_id, load_all
+from bench.tracing import Tracer
+from sim.vocabulary import CALL_REMOVE_POD, CALL_RUN_POD, CALL_STOP_POD
+
+log = logging.getLogger("bench.sandboxer")
+
+TASK_API_VERSION = 2
+UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the NUL
+SANDBOX_READY = "SANDBOX_READY"
+SANDBOX_NOTREADY = "SANDBOX_NOTREADY"
+
+
+class SbxError(Exception):
+    """An error with a gRPC/ttrpc status code (same numbers in both)."""
+
+    def __init__(self, code: Code, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(f"{code.name}: {message}")
+
+
+def valid_id(value: str, what: str = "sandbox id") -> str:
+    try:
+        return check_id(value, what)
+    except BadId as exc:
+        raise SbxError(Code.INVALID_ARGUMENT, str(exc)) from None
+
+
+class Manager:
+    """All sandboxes of one sandboxer process."""
+
+    def __init__(self, root: Path, tracer: Tracer | None = None) -> None:
+        self.root = root
+        self.tracer = tracer or Tracer(None, "sandboxer")
+        self.sandboxes: dict[str, Sandbox] = {}
+        self.pinner = nspin.NamespacePinner()
+        # Imported here to keep the import graph one-way (containers needs Manager types only).
+        from bench.sandboxer.containers import Containers
+        self.containers = Containers(self)
+
+    # ------------------------------------------------------------------ helpers
+    def get(self, sid: str) -> Sandbox:
+        valid_id(sid)
+        sb = self.sandboxes.get(sid)
+        if sb is None:
+            raise SbxError(Code.NOT_FOUND, f"sandbox {sid} not found")
+        return sb
+
+    def _attach_runtime(self, sb: Sandbox) -> Sandbox:
+        sb.lock = asyncio.Lock()
+        sb.ended = asyncio.Event()
+        if sb.state == STOPPED:
+            sb.ended.set()
+        return sb
+
+    def address(self, sb: Sandbox, legacy: bool) -> str:
+        if sb.task_server is None:
+            return ""
+        return ("unix://" if legacy else "ttrpc+unix://") + sb.task_socket
+
+    def pid(self, sb: Sandbox) -> int:
+        return os.getpid() if sb.state == READY else 0
+
+    def state_name(self, sb: Sandbox) -> str:
+        return SANDBOX_READY if sb.state == READY else SANDBOX_NOTREADY
+
+    def save(self, sb: Sandbox) -> None:
+        if sb.id in self.sandboxes:
+            sb.save()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def create(self, sid: str, netns_path: str = "", pod: str = "",
+                     hostname: str = "",
+                     pinned: tuple[str, ...] = nspin.DEFAULT_PLAN) -> Sandbox:
+        valid_id(sid)
+        if netns_path and not os.path.isabs(netns_path):
+            raise SbxError(Code.INVALID_ARGUMENT, f"netns_path must be absolute: {netns_path!r}")
+        if len(os.fsencode(str(self.root / sid / "task.sock"))) > UNIX_PATH_MAX:
+            raise SbxError(Code.INVALID_ARGUMENT,
+                           f"sandbox id {sid!r} too long: its task socket path under "
+                           f"{self.root} would exceed {UNIX_PATH_MAX} bytes")
+        with self.tracer.span(sid, CALL_RUN_POD, "sandbox.create"):
+            if sid in self.sandboxes:
+                raise SbxError(Code.ALREADY_EXISTS, f"sandbox {sid} already exists")
+            path = self.root / sid
+            if path.exists():
+                # Left over by an interrupted Shutdown: nothing in memory refers to it.
+                await asyncio.to_thread(remove_tree, path)
+            path.mkdir(parents=True)
+            sb = Sandbox(id=sid, dir=str(path), pod=pod, hostname=hostname,
+                         netns_path=netns_path, pinned=list(pinned),
+                         created_at_ns=time.time_ns())
+            self._attach_runtime(sb)
+            self.sandboxes[sid] = sb
+            sb.save()
+            return sb
+
+    async def start(self, sid: str) -> Sandbox:
+        sb = self.get(sid)
+        assert sb.lock is not None
+        async with sb.lock:
+            if sb.state == READY:
+                return sb
+            if sb.state == STOPPED:
+                raise SbxError(Code.FAILED_PRECONDITION, f"sandbox {sid} is stopped")
+            with self.tracer.span(sid, CALL_RUN_POD, "sandbox.start"):
+                try:
+                    await self.pinner.pin(sb.ns_dir, tuple(sb.pinned), sb.hostname)
+                except OSError as exc:
+                    nspin.release(sb.ns_dir)
+                    raise SbxError(Code.INTERNAL, f"pin namespaces of {sid}: {exc}") from exc
+                try:
+                    await self._serve_tasks(sb)
+                except BaseException:
+                    nspin.release(sb.ns_dir)
+                    raise
+                sb.state = READY
+                sb.save()
+            return sb
+
+    async def _serve_tasks(self, sb: Sandbox) -> None:
+        from bench.sandboxer.tasks import task_methods
+        server = Server()
+        server.register("containerd.task.v2.Task", task_methods(self.containers, sb))
+        await server.start(sb.task_socket)
+        sb.task_server = server
+
+    async def stop(self, sid: str) -> None:
+        try:
+            sb = self.get(sid)
+        except SbxError as exc:
+            if exc.code == Code.NOT_FOUND:
+                return
+            raise
+        assert sb.lock is not None
+        async with sb.lock:
+            await self._stop_locked(sb)
+
+    async def _stop_locked(self, sb: Sandbox, exit_status: int = 0) -> None:
+        if sb.state == STOPPED:
+            return
+        with self.tracer.span(sb.id, CALL_STOP_POD, "sandbox.stop"):
+            if sb.state == READY:
+                await self.containers.kill_all(sb)
+                # umount waits for an RCU grace period: off the loop
+                await asyncio.to_thread(nspin.release, sb.ns_dir)
+            sb.state = STOPPED
+            sb.exit_status = exit_status
+            sb.exited_at_ns = time.time_ns()
+            sb.save()
+            assert sb.ended is not None
+            sb.ended.set()
+
+    async def wait(self, sid: str) -> Sandbox:
+        sb = self.get(sid)
+        assert sb.ended is not None
+        await sb.ended.wait()
+        return sb
+
+    async def shutdown(self, sid: str) -> None:
+        try:
+            sb = self.get(sid)
+        except SbxError as exc:
+            if exc.code == Code.NOT_FOUND:
+                return
+            raise
+        assert sb.lock is not None
+        async with sb.lock:
+            with self.tracer.span(sid, CALL_REMOVE_POD, "sandbox.shutdown"):
+                await self._stop_locked(sb)
+                await self._teardown(sb)
+
+    async def _teardown(self, sb: Sandbox) -> None:
+        # Anything created after a Stop (or re-attached in a stopped sandbox) dies here too.
+        await self.containers.kill_all(sb)
+        if sb.task_server is not None:
+            server, sb.task_server = sb.task_server, None
+            await server.close()
+        self.containers.forget(sb)
+        self.sandboxes.pop(sb.id, None)
+        await asyncio.to_thread(remove_tree, sb.path)
+
+    # ------------------------------------------------------------------ process lifetime
+    async def recover(self) -> None:
+        """Reload every persisted sandbox: re-open task sockets, re-attach to containers."""
+        mps = await asyncio.to_thread(nspin.mountpoints)
+        for sb in await asyncio.to_thread(load_all, self.root):
+            self._attach_runtime(sb)
+            self.sandboxes[sb.id] = sb
+            if sb.state == CREATED:
+                # A crash between pinning and saving READY may have left pins mounted.
+                await asyncio.to_thread(nspin.release, sb.ns_dir)
+            # Re-attach first: a Stop below must be able to see its containers exit.
+            await self.containers.reattach(sb)
+            if sb.state == READY and not all(sb.ns_file(t) in mps for t in sb.pinned):
+                log.error("sandbox %s: pinned namespaces are gone; marking it stopped", sb.id)
+                await self._stop_locked(sb, exit_status=255)
+            if sb.state in (READY, STOPPED):
+                try:
+                    await self._serve_tasks(sb)
+                except OSError as exc:
+                    log.error("sandbox %s: cannot serve its task socket: %s", sb.id, exc)
+            sb.save()
+        log.info("recovered %d sandbox(es) from %s", len(self.sandboxes), self.root)
+
+    async def close(self, cleanup: bool) -> None:
+        """Stop serving; with `cleanup` tear every sandbox down, else leave them for recovery."""
+        for sb in list(self.sandboxes.values()):
+            if cleanup:
+                try:
+                    await self.shutdown(sb.id)
+                except Exception as exc:  # keep tearing the others down
+                    log.error("shutdown of %s failed: %s", sb.id, exc)
+            elif sb.task_server is not None:
+                server, sb.task_server = sb.task_server, None
+                await server.close()
+        self.containers.forget_all()
+        self.pinner.close()
+        self.tracer.flush()
+
+
+def created_at(sb: Sandbox) -> Timestamp:
+    return timestamp(sb.created_at_ns)
+
+
+def timestamp(ns: int) -> Timestamp:
+    """A protobuf Timestamp; 0 stays the unset (zero) timestamp."""
+    ts = Timestamp()
+    if ns:
+        ts.FromNanoseconds(ns)
+    return ts
