@@ -42,5 +42,11 @@ run: setup
 test: setup
 	$(PY) -m pytest -q
 
+# Regenerate the shipped simulator calibration from a fresh bench run on this machine.
+calibration: setup
+	rm -rf results/calibration-bench
+	$(CB) bench runc-seq --chain shim,sandbox --out results/calibration-bench
+	$(CB) calibrate results/calibration-bench --out scenarios/calibration-runc.json
+
 protos: venv
 	$(CB) protogen

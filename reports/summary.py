@@ -74,7 +74,7 @@ def summarize(run: Run) -> dict[str, Any]:
 
     mgmt = memory_per_pod(run.memory, MGMT_ROLES)
     vmm = memory_per_pod(run.memory, VMM_ROLES)
-    return {
+    out = {
         "chain": meta.chain,
         "flavor": meta.flavor,
         "source": meta.source,
@@ -95,6 +95,16 @@ def summarize(run: Run) -> dict[str, Any]:
         "vmm_pss_mb_per_pod": vmm["pss_mb"],
         "steps_ms": steps_ms,
     }
+    agg = meta.extra.get("aggregate")
+    if agg:
+        # Large simulated runs keep per-pod rows for a sample only; their cluster-wide
+        # figures (from quantile sketches over every pod) are in run.json and take precedence.
+        for key in ("pods", "errors", "run_pod_sandbox_ms", "pods_per_s",
+                    "create_start_container_ms", "stop_remove_ms", "steps_ms"):
+            if key in agg:
+                out[key] = agg[key]
+        out["sampled"] = agg.get("sample", True)
+    return out
 
 
 def summarize_paths(paths: Iterable[str]) -> dict[str, Any]:

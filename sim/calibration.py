@@ -1,0 +1,334 @@
+"""Owns: calibrations — the fitted step costs of every chain — and `chainbench calibrate`.
+
+A calibration is a JSON file: provenance, host facts of the machine the bench runs came from,
+node capacities, base memory of the long-lived processes, and per chain/flavor the ordered steps
+of every call (latency distribution, CPU fraction, limit, hold) plus the memory a pod adds.
+
+`chainbench calibrate BENCH_DIR... --out FILE` fits it from bench run directories: step
+latencies from the spans of sequential (uncontended) runs, CPU fractions from the cpu table,
+per-pod memory from the slope of the memory table over live pods.  Chains the bench runs do not
+cover keep their prior values and say so in their own `provenance`.
+`chainbench calibrate --prior --out FILE` writes the prior (not measured) calibration.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from sim import prior
+from sim.chains import (PER_CONTAINER_CALLS, ChainError, ChainModel, Dist, MemoryItem, Step,
+                        default_limit)
+from sim.vocabulary import CALL_RUN_POD, CALLS, FLAVORS
+
+SHIPPED = Path(__file__).resolve().parent.parent / "scenarios" / "calibration-runc.json"
+MODELLED_CHAINS = ("shim", "sandbox")
+# Role whose CPU a component's steps consume (runc runs as a child of the shim / sandboxer).
+_ROLE_OF = {"engine": "engine", "shim": "shim", "sandboxer": "sandboxer", "vmm": "vmm",
+            "agent": "vmm", "containerd": "containerd"}
+
+
+class CalibrationError(ValueError):
+    """A calibration file or its inputs are unusable."""
+
+
+@dataclass
+class Calibration:
+    provenance: str
+    chains: dict[str, ChainModel]  # "shim/runc" -> model
+    node: dict[str, int] = field(default_factory=lambda: dict(prior.NODE))
+    base_memory: dict[str, dict[str, int]] = field(default_factory=dict)
+    host: dict[str, Any] = field(default_factory=dict)
+    sources: list[str] = field(default_factory=list)
+    created: str = ""
+
+    def model(self, chain: str, flavor: str, boot: str = "restore") -> ChainModel:
+        key = f"{chain}/{flavor}"
+        if key not in self.chains:
+            raise CalibrationError(f"calibration has no model for {key}; it has "
+                                   f"{sorted(self.chains)}")
+        return self.chains[key].with_boot(boot)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"provenance": self.provenance, "created": self.created, "host": self.host,
+                "sources": self.sources, "node": self.node, "base_memory": self.base_memory,
+                "chains": {k: m.to_json() for k, m in sorted(self.chains.items())}}
+
+    def save(self, path: str | Path) -> Path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        return p
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Calibration":
+        if not isinstance(d, dict) or not isinstance(d.get("chains"), dict):
+            raise CalibrationError("bad calibration: expected an object with a 'chains' object "
+                                   "mapping 'chain/flavor' to its steps")
+        try:
+            chains = {k: ChainModel.from_json(k, v) for k, v in dict(d["chains"]).items()}
+            node = {k: int(v) for k, v in dict(d.get("node", prior.NODE)).items()}
+        except (KeyError, TypeError, ValueError, ChainError) as exc:
+            raise CalibrationError(f"bad calibration: {exc}") from exc
+        return cls(provenance=str(d.get("provenance", "")), chains=chains, node=node,
+                   base_memory=dict(d.get("base_memory", {})), host=dict(d.get("host", {})),
+                   sources=list(d.get("sources", [])), created=str(d.get("created", "")))
+
+
+def load_calibration(path: str | Path | None = None) -> Calibration:
+    """Load a calibration file; None = the one shipped in scenarios/ (or the prior)."""
+    p = Path(path) if path else SHIPPED
+    if not p.is_file():
+        if path is None:
+            return prior_calibration()
+        raise CalibrationError(f"calibration file {p} not found")
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CalibrationError(f"{p}: {exc}") from exc
+    return Calibration.from_json(data)
+
+
+def prior_calibration() -> Calibration:
+    chains: dict[str, ChainModel] = {}
+    for chain in MODELLED_CHAINS:
+        for flavor in FLAVORS:
+            model, alts = prior.prior_chain(chain, flavor)
+            chains[f"{chain}/{flavor}"] = replace(model, alternatives=alts,
+                                                  provenance=prior.PROVENANCE)
+    return Calibration(provenance=prior.PROVENANCE, chains=chains, node=dict(prior.NODE),
+                       base_memory={k: dict(v) for k, v in prior.BASE_MEMORY.items()},
+                       host={"note": "DESIGN §7 facts: Debian 12, 2 cores, 24 GiB, TCG"},
+                       created=_now())
+
+
+# ---------------------------------------------------------------------------------------------
+# Fitting from bench runs
+
+def fit_dist(samples_s: np.ndarray, kind: str = "auto") -> Dist:
+    """Empirical quantiles when there are enough samples, else a robust lognormal."""
+    x = np.asarray(samples_s, dtype=float)
+    x = x[np.isfinite(x) & (x >= 0)]
+    if x.size == 0:
+        raise CalibrationError("no samples to fit")
+    if kind == "empirical" or (kind == "auto" and x.size >= 20):
+        q = np.quantile(x, np.linspace(0.0, 1.0, 21))
+        return Dist("empirical", quantiles_s=tuple(float(v) for v in np.maximum.accumulate(q)))
+    pos = x[x > 0]
+    if pos.size == 0:
+        return Dist("const", value_s=0.0)
+    med = float(np.median(pos))
+    if pos.size < 3:
+        return Dist("lognormal", median_s=med, sigma=0.0)
+    lo, hi = np.quantile(np.log(pos), [0.1587, 0.8413])
+    return Dist("lognormal", median_s=med, sigma=float(max(hi - lo, 0.0) / 2.0))
+
+
+def _step_samples(spans: pd.DataFrame, pods: pd.DataFrame, containers: int
+                  ) -> dict[str, list[tuple[str, str, float, np.ndarray]]]:
+    """Per call: (step, component, median offset in call, per-instance latencies s)."""
+    ok = pods[(pods["outcome"] == "ok") & ~pods["warmup"]]
+    sp = spans[spans["pod"].isin(set(ok["pod"])) & (spans["step"] != "client.call")]
+    out: dict[str, list[tuple[str, str, float, np.ndarray]]] = {}
+    if sp.empty:
+        return out
+    sp = sp.assign(dur=(sp["end_ns"] - sp["start_ns"]) / 1e9)
+    call_t0 = sp.groupby(["pod", "call"])["start_ns"].transform("min")
+    sp = sp.assign(off=(sp["start_ns"] - call_t0) / 1e9)
+    for call, g in sp.groupby("call"):
+        rows = []
+        per = g.groupby(["pod", "step", "component"])["dur"].sum().reset_index()
+        # Nested spans of one step in two components (client and server side): the outer one.
+        best = per.sort_values("dur").groupby(["pod", "step"]).tail(1)
+        reps = max(containers, 1) if call in PER_CONTAINER_CALLS else 1
+        for step, gs in best.groupby("step"):
+            comp = gs["component"].mode().iloc[0]
+            off = float(g[g["step"] == step]["off"].median())
+            rows.append((str(step), str(comp), off, gs["dur"].to_numpy() / reps))
+        rows.sort(key=lambda r: r[2])
+        out[str(call)] = rows
+    # Client-observed time the steps do not cover (transport, framing) goes to cri.recv.
+    if CALL_RUN_POD in out:
+        rp = sp[sp["call"] == CALL_RUN_POD]
+        cover = rp.groupby("pod").agg(a=("start_ns", "min"), b=("end_ns", "max"))
+        lat = ok.set_index("pod")["latency_s"].reindex(cover.index)
+        gap = np.maximum((lat - (cover["b"] - cover["a"]) / 1e9).to_numpy(), 0.0)
+        gap = np.nan_to_num(gap)
+        rows = out[CALL_RUN_POD]
+        for i, (step, comp, off, d) in enumerate(rows):
+            if step == "cri.recv" and d.size == gap.size:
+                rows[i] = (step, comp, off, d + gap)
+    return out
+
+
+def _cpu_fractions(run: Any, samples: dict[str, list[tuple[str, str, float, np.ndarray]]]
+                   ) -> tuple[dict[str, float], bool]:
+    """CPU seconds per second of a role's steps, and whether children's CPU was included.
+
+    A `cpu_children_s` column (CPU of reaped children: runc under a shim or the sandboxer,
+    `shim start` under the engine) makes the fraction cover fork/exec-heavy steps too.
+    """
+    busy: dict[str, float] = {}
+    for rows in samples.values():
+        for _, comp, _, d in rows:
+            role = _ROLE_OF.get(comp)
+            if role:
+                busy[role] = busy.get(role, 0.0) + float(d.sum())
+    children = "cpu_children_s" in run.cpu.columns
+    if run.cpu.empty:
+        cpu = pd.Series(dtype=float)
+    else:
+        tot = run.cpu["cpu_s"] + (run.cpu["cpu_children_s"].fillna(0.0) if children else 0.0)
+        cpu = tot.groupby(run.cpu["role"]).sum()
+    out = {}
+    for role, b in busy.items():
+        if role in cpu.index and b > 0:
+            out[role] = float(np.clip(cpu[role] / b, 0.02, 1.0))
+    return out, children
+
+
+def _memory_items(run: Any, base: ChainModel) -> tuple[list[MemoryItem], dict[str, dict]]:
+    mem = run.memory
+    items: list[MemoryItem] = []
+    bases: dict[str, dict] = {}
+    if mem.empty:
+        return list(base.memory), bases
+    times = mem.groupby("t_s")["pods_alive"].max()
+    for m in base.memory:
+        r = mem[mem["role"] == m.role]
+        if r.empty:
+            items.append(m)
+            continue
+        agg = r.groupby("t_s").agg(pss=("pss", "sum"), rss=("rss", "sum"), uss=("uss", "sum"),
+                                   thr=("threads", "sum"), n=("pid", "nunique"))
+        agg = agg.reindex(times.index, fill_value=0)
+        x = times.to_numpy().astype(float)
+        if x.size < 2 or np.ptp(x) == 0:
+            items.append(m)
+            continue
+        fit = {c: np.polyfit(x, agg[c].to_numpy().astype(float), 1) for c in
+               ("pss", "rss", "uss", "thr")}
+        per_proc_thr = float((agg["thr"] / agg["n"].replace(0, np.nan)).dropna().mean() or 0)
+        items.append(replace(m, pss=int(max(fit["pss"][0], 0)), rss=int(max(fit["rss"][0], 0)),
+                             uss=int(max(fit["uss"][0], 0)),
+                             threads=0 if m.shared else int(round(per_proc_thr))))
+        if m.shared:
+            bases[m.role] = {"pss": int(max(fit["pss"][1], 0)), "rss": int(max(fit["rss"][1], 0)),
+                             "uss": int(max(fit["uss"][1], 0)),
+                             "threads": int(r["threads"].median())}
+    eng = mem[mem["role"] == "engine"]
+    if not eng.empty:
+        bases["engine"] = {k: int(eng[k].median()) for k in ("pss", "rss", "uss")} | {
+            "threads": int(eng["threads"].median())}
+    return items, bases
+
+
+def fit_chain(run: Any, base: ChainModel, kind: str = "auto") -> ChainModel:
+    """A chain model with the step list and costs seen in one bench run."""
+    samples = _step_samples(run.spans, run.pods, int(run.meta.containers_per_pod))
+    if CALL_RUN_POD not in samples:
+        raise CalibrationError(f"{run.path}: no {CALL_RUN_POD} spans of ok, non-warm-up pods")
+    cpu, with_children = _cpu_fractions(run, samples)
+    calls: dict[str, tuple[Step, ...]] = {}
+    for call in CALLS:
+        if call not in samples:
+            if base.steps(call):
+                calls[call] = base.steps(call)
+            continue
+        prior_steps = {s.step: s for s in base.steps(call)}
+        out = []
+        for step, comp, _, d in samples[call]:
+            p = prior_steps.get(step)
+            if p is not None:
+                # Bench often sees a step only from its client side (the engine times
+                # task.create; the real shim cannot trace): where it runs and what it queues
+                # on is the chain's shape, not the span's component.
+                comp, lim = p.component, p.limit
+            else:
+                lim = default_limit(step, comp)[0]
+            frac = cpu.get(_ROLE_OF.get(comp, ""), p.cpu if p else 0.5)
+            if lim == "cores":
+                # Per-process CPU misses reaped children (runc, `shim start`): unless bench
+                # recorded them, the CPU share of fork/exec-heavy steps is not observable, so
+                # the chain's value stays.
+                hold = frac if with_children or p is None else p.hold
+            else:
+                hold = 1.0
+            out.append(Step(call=call, step=step, component=comp, dist=fit_dist(d, kind),
+                            cpu=frac, limit=lim, hold=hold))
+        calls[call] = tuple(out)
+    items, _ = _memory_items(run, base)
+    return replace(base, calls=calls, memory=tuple(items), provenance=f"measured: {run.path}")
+
+
+def calibrate(paths: list[str], base: Calibration | None = None, kind: str = "auto",
+              ) -> Calibration:
+    from reports.schema import SchemaError, load_runs
+
+    try:
+        runs = load_runs(paths)
+    except SchemaError as exc:
+        raise CalibrationError(str(exc)) from exc
+    base = base or prior_calibration()
+    chains = dict(base.chains)
+    bases = dict(base.base_memory)
+    used: list[str] = []
+    host: dict[str, Any] = {}
+    for run in runs:
+        if run.meta.source != "bench" or run.meta.chain not in MODELLED_CHAINS:
+            continue
+        key = f"{run.meta.chain}/{run.meta.flavor}"
+        prior_model = base.chains.get(key) or prior_calibration().chains[key]
+        chains[key] = fit_chain(run, prior_model, kind)
+        _, b = _memory_items(run, prior_model)
+        bases.update(b)
+        used.append(str(run.path))
+        host = host or {"kernel": run.meta.host.kernel, "cpu": run.meta.host.cpu,
+                        "cores": run.meta.host.cores, "accel": run.meta.host.accel,
+                        "versions": run.meta.host.versions, "commit": run.meta.host.commit}
+    if not used:
+        raise CalibrationError(f"no bench runs of chains {list(MODELLED_CHAINS)} under {paths}")
+    node = dict(base.node)
+    if host.get("cores"):
+        node["cores"] = int(host["cores"])
+    return Calibration(provenance="measured", chains=chains, node=node, base_memory=bases,
+                       host=host, sources=used, created=_now())
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="chainbench calibrate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dirs", nargs="*", help="bench output directories (run dirs or parents)")
+    ap.add_argument("--out", required=True, help="calibration JSON to write")
+    ap.add_argument("--prior", action="store_true",
+                    help="write the prior (not measured) calibration instead of fitting")
+    ap.add_argument("--dist", choices=("auto", "lognormal", "empirical"), default="auto",
+                    help="distribution family of fitted steps (auto: empirical if >= 20 pods)")
+    ns = ap.parse_args(argv)
+    try:
+        if ns.prior:
+            cal = prior_calibration()
+        else:
+            if not ns.dirs:
+                print("chainbench calibrate: give bench directories or --prior", file=sys.stderr)
+                return 2
+            cal = calibrate(ns.dirs, kind=ns.dist)
+        path = cal.save(ns.out)
+    except (CalibrationError, ChainError, OSError) as exc:
+        print(f"chainbench calibrate: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} ({cal.provenance}; chains {', '.join(sorted(cal.chains))}; "
+          f"from {len(cal.sources)} run(s))", file=sys.stderr)
+    return 0
+

@@ -1,0 +1,166 @@
+"""Owns: model validation — calibrate on some bench runs, predict held-out ones, score the error.
+
+`chainbench validate --calibrate-on SEQ_DIR... --validate-on C10_DIR...` fits a calibration from
+the first set (sequential runs: no queueing in the spans), simulates every held-out bench run
+with the same pods, concurrency and containers (averaging several seeds so the model's own
+sampling noise does not count as error) and prints, per chain, the relative error of the
+RunPodSandbox p50 and p95 and of throughput.  Exit 1 when any error exceeds the threshold
+(default 10%), 2 on bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from reports.schema import Run, RunMeta, SchemaError, conform, load_runs
+from reports.summary import summarize
+from scenarios.loader import Scenario
+from sim.calibration import MODELLED_CHAINS, Calibration, CalibrationError, calibrate
+from sim.cli_simulate import INPUT_ERRORS
+from sim.cluster import simulate_chain
+from sim.scenario_model import SimSettings
+
+METRICS = ("run_pod_p50_ms", "run_pod_p95_ms", "pods_per_s")
+
+
+@dataclass
+class Score:
+    chain: str
+    flavor: str
+    run: str
+    metric: str
+    measured: float | None
+    predicted: float | None
+
+    @property
+    def error(self) -> float | None:
+        if self.measured in (None, 0) or self.predicted is None:
+            return None
+        return abs(self.predicted - self.measured) / abs(self.measured)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"chain": self.chain, "flavor": self.flavor, "run": self.run,
+                "metric": self.metric, "measured": self.measured,
+                "predicted": self.predicted, "error": self.error}
+
+
+def _figures(summary: dict[str, Any]) -> dict[str, float | None]:
+    rp = summary["run_pod_sandbox_ms"]
+    return {"run_pod_p50_ms": rp["p50"], "run_pod_p95_ms": rp["p95"],
+            "pods_per_s": summary["pods_per_s"]}
+
+
+def scenario_of(meta: RunMeta, pods: int) -> tuple[Scenario, int | None]:
+    """The scenario a bench run executed, as far as the model needs it, and its block size
+    (bench's load driver records both in run.json extra)."""
+    points = tuple(int(p) for p in meta.extra.get("memory_points", []) if 0 <= int(p) <= pods)
+    block = meta.extra.get("block")
+    sc = Scenario(name=meta.scenario, flavor=meta.flavor, chains=(meta.chain,), pods=pods,
+                  concurrency=max(int(meta.concurrency), 1),
+                  containers_per_pod=int(meta.containers_per_pod),
+                  warmup_pods=int(meta.warmup_pods), memory_at=points,
+                  boot=str(meta.extra.get("boot", "restore")),
+                  schema=str(meta.extra.get("schema", "current")))
+    return sc, (int(block) if isinstance(block, int) else None)
+
+
+def predict(run: Run, cal: Calibration, replications: int = 20,
+            seed: int = 1) -> dict[str, float | None]:
+    """Mean predicted figures for a bench run over `replications` seeds."""
+    scenario, block = scenario_of(run.meta, max(len(run.pods), 1))
+    acc: dict[str, list[float]] = {m: [] for m in METRICS}
+    for r in range(replications):
+        settings = SimSettings(seed=seed + r, aggregate="rows", stop=True, block=block)
+        res = simulate_chain(scenario, settings, cal, run.meta.chain)
+        sim_run = Run(path=run.path, meta=RunMeta(scenario=scenario.name, source="sim",
+                                                  chain=run.meta.chain, flavor=scenario.flavor,
+                                                  concurrency=scenario.concurrency),
+                      pods=conform("pods", res.pods), spans=conform("spans", res.spans),
+                      memory=conform("memory", res.memory), cpu=conform("cpu", None))
+        for k, v in _figures(summarize(sim_run)).items():
+            if v is not None:
+                acc[k].append(float(v))
+    return {k: (round(float(np.mean(v)), 3) if v else None) for k, v in acc.items()}
+
+
+def validate(calibrate_on: list[str], validate_on: list[str], replications: int = 20,
+             seed: int = 1) -> tuple[Calibration, list[Score]]:
+    cal = calibrate(calibrate_on)
+    try:
+        runs = load_runs(validate_on)
+    except SchemaError as exc:
+        raise CalibrationError(str(exc)) from exc
+    scores: list[Score] = []
+    for run in runs:
+        if run.meta.source != "bench" or run.meta.chain not in MODELLED_CHAINS:
+            continue
+        if f"{run.meta.chain}/{run.meta.flavor}" not in cal.chains:
+            continue
+        measured = _figures(summarize(run))
+        print(f"validate: predicting {run.meta.chain}/{run.meta.flavor} {run.meta.scenario} "
+              f"({len(run.pods)} pods, concurrency {run.meta.concurrency}) over "
+              f"{replications} seeds", file=sys.stderr, flush=True)
+        predicted = predict(run, cal, replications, seed)
+        for m in METRICS:
+            scores.append(Score(run.meta.chain, run.meta.flavor, str(run.path), m,
+                                measured[m], predicted[m]))
+    if not scores:
+        raise CalibrationError(f"no bench runs of chains {list(MODELLED_CHAINS)} to validate "
+                               f"under {validate_on}")
+    return cal, scores
+
+
+def render(scores: list[Score], threshold: float) -> str:
+    head = ["chain", "flavor", "metric", "measured", "predicted", "error", "verdict"]
+    rows = [head]
+    for s in scores:
+        err = s.error
+        rows.append([s.chain, s.flavor, s.metric, _fmt(s.measured), _fmt(s.predicted),
+                     "-" if err is None else f"{err * 100:.1f}%",
+                     "-" if err is None else ("ok" if err <= threshold else "FAIL")])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3g}"
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="chainbench validate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--calibrate-on", nargs="+", required=True, metavar="DIR",
+                    help="bench output dirs to fit from (sequential runs)")
+    ap.add_argument("--validate-on", nargs="+", required=True, metavar="DIR",
+                    help="held-out bench output dirs to predict (e.g. runc-c10)")
+    ap.add_argument("--threshold", type=float, default=0.10,
+                    help="largest acceptable relative error (default 0.10)")
+    ap.add_argument("--replications", type=int, default=20,
+                    help="seeds averaged per prediction (default 20)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ns = ap.parse_args(argv)
+    if ns.threshold <= 0 or ns.replications < 1:
+        print("chainbench validate: --threshold must be > 0 and --replications >= 1",
+              file=sys.stderr)
+        return 2
+    try:
+        _, scores = validate(ns.calibrate_on, ns.validate_on, ns.replications, ns.seed)
+    except INPUT_ERRORS as exc:
+        print(f"chainbench validate: {exc}", file=sys.stderr)
+        return 2
+    failed = [s for s in scores if s.error is not None and s.error > ns.threshold]
+    unscored = [s for s in scores if s.error is None]
+    if ns.json:
+        print(json.dumps({"threshold": ns.threshold, "passed": not failed,
+                          "scores": [s.to_json() for s in scores]}, indent=2))
+    else:
+        print(render(scores, ns.threshold))
+        print(f"\n{len(scores) - len(failed) - len(unscored)} within {ns.threshold:.0%}, "
+              f"{len(failed)} above, {len(unscored)} not scorable")
+    return 1 if failed else 0

@@ -1,0 +1,135 @@
+"""`chainbench calibrate` and `chainbench validate` on bench-schema run directories.
+
+The bench runs here are produced by the model itself and relabelled `source: bench`: a pure
+logic check that fitting recovers what generated the data and that validation scores it.
+Real bench runs replace them in `make calibration` / CI.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from scenarios.loader import load_scenario
+from sim import calibration
+from sim.calibration import calibrate, fit_dist, load_calibration, prior_calibration
+from sim.cli_simulate import settings_for, simulate_scenario
+from sim.validation import main as validate_main
+from sim.vocabulary import CALL_RUN_POD
+
+
+def _bench_like(out: Path, scenario: str, seed: int, **overrides) -> Path:
+    sc = load_scenario(scenario)
+    from dataclasses import replace
+    sc = replace(sc, **overrides)
+    for p in simulate_scenario(sc, settings_for(sc, {"seed": seed}), out, progress=None):
+        meta = json.loads((p / "run.json").read_text())
+        meta["source"] = "bench"
+        meta["host"]["accel"] = "tcg"
+        (p / "run.json").write_text(json.dumps(meta))
+    return out
+
+
+@pytest.fixture(scope="module")
+def bench_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    seq = _bench_like(root / "seq", "runc-seq", 11, pods=60)
+    c10 = _bench_like(root / "c10", "runc-c10", 12)
+    return seq, c10
+
+
+def test_calibrate_recovers_step_costs_and_memory(bench_dirs, tmp_path):
+    seq, _ = bench_dirs
+    out = tmp_path / "cal.json"
+    assert calibration.main([str(seq), "--out", str(out)]) == 0
+    cal = load_calibration(out)
+    truth = prior_calibration()
+    assert cal.provenance == "measured" and len(cal.sources) == 2
+    assert cal.host["accel"] == "tcg" and cal.host["cores"] > 0
+    for chain in ("shim", "sandbox"):
+        fitted = {s.step: s for s in cal.model(chain, "runc").steps(CALL_RUN_POD)}
+        for s in truth.model(chain, "runc").steps(CALL_RUN_POD):
+            assert fitted[s.step].dist.median() == pytest.approx(s.dist.median(), rel=0.15), \
+                (chain, s.step)
+            assert fitted[s.step].limit == s.limit
+        shim_mem = {m.role: m for m in cal.model(chain, "runc").memory}
+        for m in truth.model(chain, "runc").memory:
+            assert shim_mem[m.role].pss == pytest.approx(m.pss, rel=0.1)
+    # microvm was not benched: it keeps the prior, and says so
+    assert cal.chains["shim/microvm"].provenance == "prior (not measured)"
+    assert cal.chains["shim/runc"].provenance.startswith("measured")
+
+
+def test_fit_dist_families():
+    assert fit_dist([0.01] * 5).kind == "lognormal"
+    d = fit_dist([0.001 * i for i in range(1, 41)])
+    assert d.kind == "empirical" and d.quantiles_s[0] == pytest.approx(0.001)
+
+
+def test_validate_passes_on_self_consistent_runs(bench_dirs, capsys):
+    seq, c10 = bench_dirs
+    rc = validate_main(["--calibrate-on", str(seq), "--validate-on", str(c10),
+                        "--replications", "6", "--threshold", "0.25"])
+    out = capsys.readouterr().out
+    assert "run_pod_p95_ms" in out and "pods_per_s" in out
+    assert rc == 0, out
+
+
+def test_validate_fails_above_threshold_and_prints_json(bench_dirs, capsys):
+    seq, c10 = bench_dirs
+    rc = validate_main(["--calibrate-on", str(seq), "--validate-on", str(c10),
+                        "--replications", "2", "--threshold", "0.0001", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert rc == 1 and data["passed"] is False
+    assert {s["chain"] for s in data["scores"]} == {"shim", "sandbox"}
+
+
+def test_bad_input_exits_2(tmp_path, capsys):
+    assert calibration.main([str(tmp_path / "nope"), "--out", str(tmp_path / "c.json")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    assert calibration.main(["--out", str(tmp_path / "c.json")]) == 2
+    assert validate_main(["--calibrate-on", str(tmp_path), "--validate-on",
+                          str(tmp_path)]) == 2
+    assert "run.json" in capsys.readouterr().err
+
+
+def test_prior_flag_writes_the_shipped_format(tmp_path):
+    out = tmp_path / "prior.json"
+    assert calibration.main(["--prior", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["provenance"] == "prior (not measured)"
+
+
+def test_children_cpu_column_sets_the_hold_of_fork_exec_steps(bench_dirs, tmp_path):
+    import shutil
+
+    import pandas as pd
+
+    seq, _ = bench_dirs
+    copy = tmp_path / "seq"
+    shutil.copytree(seq, copy)
+    cpu_file = copy / "shim" / "cpu.parquet"
+    cpu = pd.read_parquet(cpu_file)
+    busy = cpu.set_index("role")["cpu_s"]
+    # runc's CPU, reaped by the shim: make the shim role look ~fully CPU-bound
+    cpu["cpu_children_s"] = [busy["shim"] * 5 if r == "shim" else 0.0 for r in cpu["role"]]
+    cpu.to_parquet(cpu_file, index=False)
+    without = calibrate([str(seq)]).model("shim", "runc")
+    with_children = calibrate([str(copy)]).model("shim", "runc")
+    prior = prior_calibration().model("shim", "runc")
+    tc = {s.step: s for s in with_children.steps(CALL_RUN_POD)}
+    tw = {s.step: s for s in without.steps(CALL_RUN_POD)}
+    tp = {s.step: s for s in prior.steps(CALL_RUN_POD)}
+    assert tw["task.create"].hold == tp["task.create"].hold  # not observable: prior kept
+    assert tc["task.create"].hold == pytest.approx(1.0)  # observed: measured share
+    assert tc["engine.prepare"].hold == 1.0  # worker pools are held for the whole step
+
+
+def test_blocks_follow_the_bench_load_driver_rule():
+    from sim.cluster import blocks
+
+    # runc-c10: block max(10, 5) = 10, memory points 0, 10, 25, 50
+    assert blocks(50, 10, (0, 10, 25, 50)) == [(0, 10), (10, 20), (20, 25), (25, 35),
+                                               (35, 45), (45, 50)]
+    assert blocks(20, 5, ()) == [(0, 5), (5, 10), (10, 15), (15, 20)]
+    assert blocks(100, 0, (0, 50, 100)) == [(0, 100)]
