@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "summary": ("reports.summary_cli", "print the summary figures of run directories"),
     "report": ("reports.report", "write a Markdown/HTML report with figures from run directories"),
     "gate": ("reports.gate", "compare baseline and candidate runs; exit 1 on a regression"),
+    "ab": ("bench.abrun", "A/B-bench two git revisions interleaved, then gate the result"),
     "doctor": ("bench.doctor", "check prerequisites (runc, containerd, shim, QEMU, kernel, accel)"),
     "engine": ("bench.engine.server", "run the CRI engine (iSulad-like)"),
     "sandboxer": ("bench.sandboxer.server", "run the Sandbox API sandboxer (Kuasar-like)"),

@@ -8,17 +8,36 @@ tracing cost stays well below the 2% budget of DESIGN §5.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import AsyncIterator, Iterator
 
 from sim.vocabulary import check_step
 
 _FLUSH_EVERY = 256
+# Test-only knob (issue 6: proof that the gate catches a real slowdown): "STEP:FRACTION" makes
+# every `aspan` of STEP sleep FRACTION x its own duration before it ends, e.g. task.create:0.3.
+SLOWDOWN_ENV = "CHAINBENCH_SLOWDOWN"
+
+
+def parse_slowdown(value: str | None) -> dict[str, float]:
+    """`step:fraction[,step:fraction]` -> {step: fraction}; a typo fails loudly, not silently."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in (value or "").split(","))):
+        step, sep, frac = part.partition(":")
+        if not sep:
+            raise ValueError(f"{SLOWDOWN_ENV}: {part!r} is not STEP:FRACTION")
+        check_step(step)
+        f = float(frac)
+        if not 0.0 <= f <= 10.0:
+            raise ValueError(f"{SLOWDOWN_ENV}: fraction {f} outside [0, 10]")
+        out[step] = f
+    return out
 
 
 class Tracer:
@@ -29,6 +48,7 @@ class Tracer:
         self.component = component
         self._buf: list[str] = []
         self._lock = threading.Lock()
+        self.slowdown = parse_slowdown(os.environ.get(SLOWDOWN_ENV))
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -62,6 +82,19 @@ class Tracer:
         start = time.perf_counter_ns()
         try:
             yield
+        finally:
+            self.record(pod, call, step, start, time.perf_counter_ns(), component)
+
+    @asynccontextmanager
+    async def aspan(self, pod: str, call: str, step: str,
+                    component: str | None = None) -> AsyncIterator[None]:
+        """Like `span`, for async bodies; honours the slowdown knob inside the timed region."""
+        start = time.perf_counter_ns()
+        try:
+            yield
+            extra = self.slowdown.get(step)
+            if extra:
+                await asyncio.sleep(extra * (time.perf_counter_ns() - start) / 1e9)
         finally:
             self.record(pod, call, step, start, time.perf_counter_ns(), component)
 

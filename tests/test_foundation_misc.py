@@ -72,3 +72,30 @@ def test_cli_usage_and_unknown_command():
     bad = subprocess.run([sys.executable, "-m", "bench.cli", "frobnicate"], capture_output=True,
                          text=True)
     assert bad.returncode == 2 and "unknown command" in bad.stderr
+
+
+def test_slowdown_knob_stretches_only_its_step(tmp_path, monkeypatch):
+    import asyncio
+
+    from bench.tracing import parse_slowdown
+
+    with pytest.raises(ValueError, match="unknown step"):
+        parse_slowdown("task.craete:0.3")
+    with pytest.raises(ValueError, match="STEP:FRACTION"):
+        parse_slowdown("task.create")
+    monkeypatch.setenv("CHAINBENCH_SLOWDOWN", "task.create:1.0")
+    t = Tracer.from_dir(tmp_path, "engine")
+
+    async def body() -> None:
+        async with t.aspan("p", "RunPodSandbox", "task.create"):
+            await asyncio.sleep(0.02)
+        async with t.aspan("p", "RunPodSandbox", "task.start"):
+            await asyncio.sleep(0.02)
+
+    asyncio.run(body())
+    t.flush()
+    d = {r["step"]: r["end_ns"] - r["start_ns"] for r in read_spans(tmp_path)}
+    # A 100% slowdown at least doubles task.create (sleeps never end early); task.start is
+    # recorded without any added sleep.
+    assert d["task.create"] >= 2 * 0.02e9
+    assert d["task.start"] >= 0.02e9 and t.slowdown == {"task.create": 1.0}

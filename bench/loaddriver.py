@@ -1,0 +1,513 @@
+"""Owns: `chainbench bench` — the CRI load driver that runs a scenario on real chains.
+
+    chainbench bench SCENARIO --chain shim,sandbox,containerd --out DIR
+                     [--schema legacy|current] [--pods N] [--concurrency C]
+    chainbench bench rpc ...            (RPC round trips: bench.rpcbench)
+
+How the load is shaped (DESIGN §5, "compare as ratios inside one run"):
+* every chain's daemons are up for the whole session;
+* pods are started in *blocks*; each block runs on every chain in turn (A B C, then B C A, ...),
+  so slow drift of the machine (page cache, thermal, a background job) lands on all chains
+  alike, and the rotation keeps any "goes first after a pause" effect from favouring one chain.
+  Whole-repetition alternation was rejected: on a 2-core machine a repetition lasts minutes and
+  drift within it would not cancel.  A block never crosses a memory point, so at each point
+  every chain holds exactly that many live pods when its processes are sampled (a block cut
+  short by a point runs fewer pods at once than the concurrency);
+* all pods stay alive until the ramp completes; then all are stopped and removed, in blocks
+  interleaved the same way, timing stop+remove per pod.
+Because chains take turns, the pods table's `submit_s`/`ready_s` use a *chain-active clock*
+(seconds during which that chain's own blocks ran, from the run start): throughput figures then
+describe the chain, not the chain diluted by the others' turns.  Wall-clock offsets from the run
+start are kept as `submit_wall_s`/`ready_wall_s`.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime as dt
+import math
+import secrets
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.chains import (MAX_RUN_ROOT, RUN_ROOT, Chain, chain_available, make_chain, remove_run_base,
+                          run_leftovers)
+from bench.cri_client import CriClient, CriError, container_config, pod_config
+from bench.probes import (accel_mode, cpu_seconds, process_table, read_memory, read_threads,
+                          scope_processes, tool_versions)
+from reports.schema import HostFacts, RunMeta, write_run
+from scenarios.loader import Scenario, ScenarioError, load_scenario
+from sim.vocabulary import CHAINS
+
+DAEMON_ROLES = ("engine", "sandboxer", "containerd")
+
+
+def _now() -> int:
+    return time.perf_counter_ns()
+
+
+@dataclass
+class PodRecord:
+    index: int
+    name: str
+    uid: str
+    warmup: bool
+    sandbox_id: str = ""
+    container_ids: list[str] = field(default_factory=list)
+    submit_ns: int = 0
+    ready_ns: int = 0
+    submit_chain_s: float = math.nan
+    ready_chain_s: float = math.nan
+    latency_s: float = math.nan
+    create_start_s: float = math.nan
+    stop_remove_s: float = math.nan
+    error: str = ""
+    removed: bool = False
+
+
+@dataclass
+class ChainLoad:
+    """One chain's client, pods and chain-active clock during a session."""
+
+    chain: Chain
+    client: CriClient
+    pods: list[PodRecord]
+    active_ns: int = 0
+    _block_start: int = 0
+    memory: list[dict[str, Any]] = field(default_factory=list)
+    cpu_start: dict[int, float] = field(default_factory=dict)
+    cpu_rows: dict[int, dict[str, Any]] = field(default_factory=dict)
+    spans: list[dict[str, Any]] = field(default_factory=list)
+    forced: list[str] = field(default_factory=list)
+
+    def clock_s(self, t_ns: int) -> float:
+        return (self.active_ns + (t_ns - self._block_start)) / 1e9
+
+    def alive(self) -> int:
+        return sum(1 for p in self.pods if p.sandbox_id and not p.removed)
+
+    def errors(self) -> int:
+        return sum(1 for p in self.pods if p.error)
+
+
+@dataclass
+class Options:
+    scenario: Scenario
+    chains: list[str]
+    out: Path
+    schema: str
+    block: int
+    stop_timeout_s: int
+    run_root: Path
+    json: bool = False
+
+
+class Bench:
+    def __init__(self, opts: Options) -> None:
+        self.o = opts
+        self.sc = opts.scenario
+        self.run_id = secrets.token_hex(4)
+        self.run_base = opts.run_root / self.run_id
+        self.t0 = _now()
+        self.started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        self.loads: dict[str, ChainLoad] = {}
+        self.interrupted = False
+        self.leftovers: list[str] = []
+        self.forced: list[str] = []
+
+    # -- progress --------------------------------------------------------------------------------
+    def say(self, msg: str) -> None:
+        print(f"[{(_now() - self.t0) / 1e9:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    # -- set-up ----------------------------------------------------------------------------------
+    async def start_chains(self) -> None:
+        self.run_base.mkdir(parents=True, exist_ok=True)
+        for name in self.o.chains:
+            chain = make_chain(name, self.run_base, self.run_id, schema=self.o.schema,
+                               flavor=self.sc.flavor)
+            pods = [PodRecord(index=i, name=f"{name}-{i:04d}", uid=f"{self.run_id}-{name}-{i}",
+                              warmup=i < self.sc.warmup_pods) for i in range(self.sc.pods)]
+            self.loads[name] = ChainLoad(chain=chain, client=CriClient(chain.endpoint), pods=pods)
+            t = _now()
+            await chain.start()
+            self.say(f"{name}: up in {(_now() - t) / 1e9:.2f}s at {chain.endpoint}")
+            for pid in chain.daemons():
+                self.loads[name].cpu_start[pid] = cpu_seconds(pid) or 0.0
+
+    # -- one pod ---------------------------------------------------------------------------------
+    async def start_pod(self, ld: ChainLoad, rec: PodRecord) -> None:
+        c, ch = ld.client, ld.chain
+        cfg = pod_config(rec.name, rec.uid, cgroup_parent=ch.cgroup_parent)
+        rec.submit_ns = _now()
+        rec.submit_chain_s = ld.clock_s(rec.submit_ns)
+        try:
+            rec.sandbox_id = await c.run_pod_sandbox(cfg, ch.handler, pod=rec.name)
+            rec.ready_ns = _now()
+            rec.ready_chain_s = ld.clock_s(rec.ready_ns)
+            rec.latency_s = (rec.ready_ns - rec.submit_ns) / 1e9
+            t = _now()
+            for k in range(self.sc.containers_per_pod):
+                ccfg = container_config(f"c{k}", ch.image, list(self.sc.container.command))
+                cid = await c.create_container(rec.sandbox_id, ccfg, cfg, pod=rec.name)
+                rec.container_ids.append(cid)
+                await c.start_container(cid, pod=rec.name)
+            rec.create_start_s = (_now() - t) / 1e9
+        except CriError as exc:
+            rec.error = str(exc)
+            self.say(f"{ch.name}: {rec.name} failed: {exc}")
+
+    async def stop_pod(self, ld: ChainLoad, rec: PodRecord) -> None:
+        c = ld.client
+        t = _now()
+        errs: list[str] = []
+        for cid in rec.container_ids:
+            for step in (lambda: c.stop_container(cid, self.o.stop_timeout_s, pod=rec.name),
+                         lambda: c.remove_container(cid, pod=rec.name)):
+                try:
+                    await step()
+                except CriError as exc:
+                    errs.append(str(exc))
+        if rec.sandbox_id:
+            for step in (lambda: c.stop_pod_sandbox(rec.sandbox_id, pod=rec.name),
+                         lambda: c.remove_pod_sandbox(rec.sandbox_id, pod=rec.name)):
+                try:
+                    await step()
+                except CriError as exc:
+                    errs.append(str(exc))
+        rec.removed = True
+        if errs:
+            rec.error = (rec.error + "; " if rec.error else "") + "teardown: " + "; ".join(errs)
+            self.say(f"{ld.chain.name}: {rec.name} teardown failed: {errs[0]}")
+        elif rec.sandbox_id:
+            rec.stop_remove_s = (_now() - t) / 1e9
+
+    # -- blocks ------------------------------------------------------------------------------------
+    async def run_block(self, ld: ChainLoad, recs: list[PodRecord], stop: bool) -> None:
+        sem = asyncio.Semaphore(self.sc.concurrency)
+
+        async def one(r: PodRecord) -> None:
+            async with sem:
+                await (self.stop_pod(ld, r) if stop else self.start_pod(ld, r))
+
+        ld._block_start = _now()
+        try:
+            await asyncio.gather(*(one(r) for r in recs))
+        finally:
+            ld.active_ns += _now() - ld._block_start
+
+    def blocks(self) -> list[tuple[list[int], bool]]:
+        """(pod indices, sample memory after it) — blocks never cross a memory point."""
+        points = sorted(set(self.sc.memory_points()) | {self.sc.pods})
+        out: list[tuple[list[int], bool]] = []
+        lo = 0
+        for p in points:
+            while lo < p:
+                hi = min(p, lo + self.o.block)
+                out.append((list(range(lo, hi)), hi == p and p in self.sc.memory_points()))
+                lo = hi
+        return out
+
+    def order(self, k: int) -> list[ChainLoad]:
+        lds = list(self.loads.values())
+        k %= len(lds)
+        return lds[k:] + lds[:k]
+
+    async def ramp(self) -> None:
+        total = self.sc.pods
+        if 0 in self.sc.memory_points():
+            self.sample_memory()
+        for k, (idx, sample) in enumerate(self.blocks()):
+            for ld in self.order(k):
+                await self.run_block(ld, [ld.pods[i] for i in idx], stop=False)
+                self.say(f"{ld.chain.name}: ramp {idx[-1] + 1}/{total} pods, "
+                         f"{ld.alive()} alive, {ld.errors()} errors")
+            if sample:
+                self.sample_memory()
+        self.sample_cpu(final=False)
+
+    async def teardown(self) -> None:
+        """Stop+remove every pod, interleaved like the ramp; then sweep what CRI still lists."""
+        n = self.sc.pods
+        for k, lo in enumerate(range(0, n, self.o.block)):
+            for ld in self.order(k):
+                recs = [r for r in ld.pods[lo:lo + self.o.block] if not r.removed]
+                if recs:
+                    await self.run_block(ld, recs, stop=True)
+                    self.say(f"{ld.chain.name}: teardown {min(lo + self.o.block, n)}/{n}")
+        for ld in self.loads.values():
+            if ld.chain.started:
+                await self.cri_sweep(ld)
+
+    async def cri_sweep(self, ld: ChainLoad) -> None:
+        """Remove anything the runtime still knows (a pod whose reply we never got, ...)."""
+        ld.forced += await ld.client.remove_everything()
+
+    # -- probes ------------------------------------------------------------------------------------
+    def sample_memory(self) -> None:
+        table = process_table()
+        t_s = (_now() - self.t0) / 1e9
+        for ld in self.loads.values():
+            alive = ld.alive()
+            for pid, (_info, role) in scope_processes(ld.chain.scope(), table).items():
+                mem = read_memory(pid)
+                if mem is None:
+                    continue
+                ld.memory.append({"t_s": t_s, "role": role, "pid": pid, "rss": mem.rss,
+                                  "pss": mem.pss, "uss": mem.uss, "threads": read_threads(pid),
+                                  "pods_alive": alive})
+        self.say("memory sampled: " + ", ".join(
+            f"{n}={ld.alive()} pods" for n, ld in self.loads.items()))
+
+    def sample_cpu(self, final: bool) -> None:
+        """Per-pod processes at the end of the ramp (they die in teardown); daemons at the end,
+        minus their CPU before the first pod (containerd's image import is not load)."""
+        table = process_table()
+        for ld in self.loads.values():
+            for pid, (_info, role) in scope_processes(ld.chain.scope(), table).items():
+                if final and role not in DAEMON_ROLES:
+                    continue
+                cs = cpu_seconds(pid)
+                if cs is None:
+                    continue
+                cs -= ld.cpu_start.get(pid, 0.0)
+                ld.cpu_rows[pid] = {"role": role, "pid": pid, "cpu_s": round(cs, 4)}
+
+    # -- results -----------------------------------------------------------------------------------
+    def pod_rows(self, ld: ChainLoad) -> list[dict[str, Any]]:
+        rows = []
+        for r in ld.pods:
+            if not r.submit_ns:
+                continue  # never submitted (interrupted run)
+            err = r.error
+            if not err and (not r.ready_ns or math.isnan(r.create_start_s)):
+                err = "interrupted before the pod was up"
+            rows.append({
+                "pod": r.name, "submit_s": r.submit_chain_s, "ready_s": r.ready_chain_s,
+                "latency_s": r.latency_s, "create_start_s": r.create_start_s,
+                "stop_remove_s": r.stop_remove_s, "outcome": "error" if err else "ok",
+                "error": err, "warmup": r.warmup, "sandbox_id": r.sandbox_id,
+                "submit_wall_s": (r.submit_ns - self.t0) / 1e9,
+                "ready_wall_s": (r.ready_ns - self.t0) / 1e9 if r.ready_ns else math.nan,
+            })
+        return rows
+
+    def span_rows(self, ld: ChainLoad, traced: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        # Testbed processes may key spans by sandbox or container id: map those to pod names.
+        names: dict[str, str] = {}
+        for r in ld.pods:
+            names[r.name] = r.name
+            if r.sandbox_id:
+                names[r.sandbox_id] = r.name
+            for cid in r.container_ids:
+                names[cid] = r.name
+        rows = [dict(s) for s in ld.client.spans]
+        for s in traced:
+            s = dict(s)
+            s["pod"] = names.get(str(s.get("pod", "")), str(s.get("pod", "")))
+            rows.append(s)
+        return rows
+
+    def write(self, traced: dict[str, list[dict[str, Any]]]) -> None:
+        versions = tool_versions()
+        host = HostFacts.collect(accel=accel_mode() if self.sc.flavor == "microvm" else "",
+                                 versions=versions)
+        for name, ld in self.loads.items():
+            meta = RunMeta(
+                scenario=self.sc.name, source="bench", chain=name, flavor=self.sc.flavor,
+                scenario_digest=self.sc.digest, pods=self.sc.pods,
+                concurrency=self.sc.concurrency, containers_per_pod=self.sc.containers_per_pod,
+                warmup_pods=self.sc.warmup_pods, t0_ns=self.t0, started_at=self.started_at,
+                host=host,
+                extra={"run_id": self.run_id, "chains_in_session": list(self.loads),
+                       "interleave": "blocks, rotating chain order", "block": self.o.block,
+                       "clock": "chain-active (submit_s/ready_s); wall in submit_wall_s",
+                       "memory_points": list(self.sc.memory_points()),
+                       "stop_timeout_s": self.o.stop_timeout_s,
+                       "schema": self.o.schema if name == "sandbox" else "",
+                       "interrupted": self.interrupted, "forced_cleanup": ld.forced,
+                       "run_forced_cleanup": self.forced, "leftovers": self.leftovers},
+            )
+            write_run(self.o.out / name, meta, pods=self.pod_rows(ld),
+                      spans=self.span_rows(ld, traced.get(name, [])), memory=ld.memory,
+                      cpu=list(ld.cpu_rows.values()))
+
+
+async def _stop_all(b: Bench) -> dict[str, list[dict[str, Any]]]:
+    """Stop daemons, collect their spans, force-clean; runs even after Ctrl-C or errors."""
+    traced: dict[str, list[dict[str, Any]]] = {}
+    for name, ld in b.loads.items():
+        await ld.client.close()
+        try:
+            forced = await ld.chain.stop(keep_logs=b.o.out / name / "logs")
+        except Exception as exc:
+            forced = [f"stop failed: {exc!r}"]
+        traced[name] = [dict(s) for s in ld.chain.spans]
+        for log in sorted((b.o.out / name / "logs").glob("*.log")):
+            bad = sum(1 for line in log.read_text(errors="replace").splitlines()
+                      if " ERROR " in line or line.startswith("Traceback"))
+            if bad:
+                b.say(f"{name}: {bad} error line(s) in {log}")
+        ld.forced += forced
+        if forced:
+            b.say(f"{name}: forced cleanup: {forced}")
+    b.forced += await asyncio.to_thread(remove_run_base, b.run_base, b.run_id)
+    b.leftovers = run_leftovers(b.run_base, b.run_id)
+    for ld in b.loads.values():
+        b.leftovers += [x for x in ld.chain.leftovers() if x not in b.leftovers]
+    return traced
+
+
+async def run_bench(opts: Options) -> int:
+    b = Bench(opts)
+    loop = asyncio.get_running_loop()
+    work = asyncio.ensure_future(_load(b))
+    phase = {"task": work}
+
+    def on_signal() -> None:
+        # 1st Ctrl-C: stop the load and tear down over CRI; 2nd: skip CRI, go to the kill sweep.
+        first = not b.interrupted
+        b.interrupted = True
+        b.say("interrupted: tearing down over CRI (Ctrl-C again to skip to the kill sweep)"
+              if first else "interrupted again: skipping what is left of the CRI teardown")
+        phase["task"].cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    failure: BaseException | None = None
+    try:
+        try:
+            await work
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:
+            failure = exc
+            b.say(f"run failed: {exc!r}")
+        if any(ld.chain.started for ld in b.loads.values()):
+            td = asyncio.ensure_future(b.teardown())
+            phase["task"] = td
+            try:
+                await td
+            except asyncio.CancelledError:
+                b.say("CRI teardown skipped")
+            except Exception as exc:
+                b.say(f"CRI teardown failed: {exc!r}")
+            b.sample_cpu(final=True)
+        phase["task"] = asyncio.ensure_future(asyncio.sleep(0))  # nothing left to cancel
+        traced = await asyncio.shield(_stop_all(b))
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    if b.loads and any(ld.pods[0].submit_ns for ld in b.loads.values()):
+        b.write(traced)
+    if b.leftovers:
+        b.say(f"LEFTOVERS after run: {b.leftovers}")
+    else:
+        b.say("clean: no leftover process, mount, namespace file, cgroup or socket")
+    if b.interrupted:
+        return 130
+    if failure is not None:
+        return 1
+    _print_summary(opts)
+    dead = [n for n, ld in b.loads.items() if ld.pods and all(p.error for p in ld.pods)]
+    if dead:
+        b.say(f"every pod failed on {dead}: see {opts.out}/<chain>/logs")
+    return 1 if b.leftovers or dead else 0
+
+
+async def _load(b: Bench) -> None:
+    b.say(f"scenario {b.sc.name}: {b.sc.pods} pods ({b.sc.warmup_pods} warm-up), concurrency "
+          f"{b.sc.concurrency}, chains {b.o.chains}, run dir {b.run_base}")
+    await b.start_chains()
+    await b.ramp()
+
+
+def _print_summary(opts: Options) -> None:
+    from reports.summary import render_table, summarize_paths
+
+    summary = summarize_paths([str(opts.out / c) for c in opts.chains])
+    if opts.json:
+        import json
+        print(json.dumps(summary, indent=2, sort_keys=True))
+    else:
+        print(render_table(summary))
+
+
+def parse_args(argv: list[str]) -> Options:
+    ap = argparse.ArgumentParser(prog="chainbench bench", description=__doc__.split("\n")[0])
+    ap.add_argument("scenario", help="scenario TOML path or name (scenarios/NAME.toml)")
+    ap.add_argument("--chain", default="", help="comma list of shim,sandbox,containerd "
+                    "(default: the scenario's chains that this build can run)")
+    ap.add_argument("--out", required=True, type=Path, help="output dir (one run dir per chain)")
+    ap.add_argument("--schema", choices=("legacy", "current"), default=None,
+                    help="Sandbox API schema of the sandbox chain (default: the scenario's)")
+    ap.add_argument("--pods", type=int, default=None)
+    ap.add_argument("--concurrency", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up pods per chain")
+    ap.add_argument("--block", type=int, default=None,
+                    help="pods per interleaving block (default max(concurrency, 5))")
+    ap.add_argument("--stop-timeout", type=int, default=0,
+                    help="StopContainer grace seconds (0: SIGKILL at once; sleep ignores TERM)")
+    ap.add_argument("--run-root", type=Path, default=RUN_ROOT)
+    ap.add_argument("--json", action="store_true", help="print the summary as JSON")
+    a = ap.parse_args(argv)
+    sc = load_scenario(a.scenario)
+    changes: dict[str, Any] = {}
+    if a.pods is not None:
+        if a.pods < 1:
+            raise ScenarioError("--pods must be >= 1")
+        pts = tuple(m for m in sc.memory_at if m <= a.pods)
+        changes["pods"] = a.pods
+        changes["memory_at"] = tuple(sorted(set(pts) | {a.pods})) if pts else ()
+        changes["warmup_pods"] = min(sc.warmup_pods, a.pods - 1)
+    if a.concurrency is not None:
+        if a.concurrency < 1:
+            raise ScenarioError("--concurrency must be >= 1")
+        changes["concurrency"] = a.concurrency
+    if a.warmup is not None:
+        changes["warmup_pods"] = max(0, min(a.warmup, changes.get("pods", sc.pods) - 1))
+    if changes:
+        sc = dataclasses.replace(sc, **changes)
+    if a.chain:
+        chains = [c.strip() for c in a.chain.split(",") if c.strip()]
+        bad = [c for c in chains if c not in CHAINS]
+        if bad:
+            raise ScenarioError(f"unknown chains {bad}; known {list(CHAINS)}")
+        missing = {c: chain_available(c) for c in chains if chain_available(c)}
+        if missing:
+            raise ScenarioError(f"chains not available in this build: {missing}")
+    else:
+        chains = [c for c in sc.chains if not chain_available(c)]
+        if not chains:
+            raise ScenarioError(f"none of the scenario's chains {list(sc.chains)} is available")
+    if len(set(chains)) != len(chains):
+        raise ScenarioError(f"chain listed twice: {chains}")
+    if sc.flavor != "runc":
+        raise ScenarioError(f"flavor {sc.flavor!r}: the load driver runs the runc flavor only")
+    block = a.block if a.block is not None else max(sc.concurrency, 5)
+    if block < sc.concurrency:
+        # a block smaller than the concurrency would silently lower the concurrency
+        raise ScenarioError(f"--block {block} is below the concurrency {sc.concurrency}")
+    return Options(scenario=sc, chains=chains, out=a.out, schema=a.schema or sc.schema,
+                   block=block, stop_timeout_s=max(0, a.stop_timeout), run_root=a.run_root,
+                   json=a.json)
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] == "rpc":
+        from bench import rpcbench
+        return int(rpcbench.main(argv[1:]) or 0)
+    try:
+        opts = parse_args(argv)
+    except ScenarioError as exc:
+        print(f"chainbench bench: {exc}", file=sys.stderr)
+        return 2
+    if len(str(opts.run_root)) > MAX_RUN_ROOT:
+        print(f"chainbench bench: --run-root longer than {MAX_RUN_ROOT} characters: socket "
+              "paths below it would not fit AF_UNIX", file=sys.stderr)
+        return 2
+    return asyncio.run(run_bench(opts))
