@@ -111,6 +111,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="A/B rounds (order alternates)")
     ap.add_argument("--pods", type=int, default=None, help="override the scenario's pods")
     ap.add_argument("--out", type=Path, default=None, help="keep runs here (default: temp)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="independent A/B comparisons to make; with the same code on both "
+                         "sides the share that fails is the gate's false-alarm rate")
     ap.add_argument("--baseline-env", action="append", metavar="KEY=VALUE")
     ap.add_argument("--candidate-env", action="append", metavar="KEY=VALUE")
     ns, gate_args = ap.parse_known_args(argv)
@@ -118,8 +121,8 @@ def main(argv: list[str]) -> int:
     from scenarios.loader import ScenarioError, load_scenario
 
     try:
-        if ns.rounds < 1:
-            raise AbError("--rounds must be >= 1")
+        if ns.rounds < 1 or ns.repeat < 1:
+            raise AbError("--rounds and --repeat must be >= 1")
         # Both sides get the very same scenario file (from this checkout), so only code differs.
         scenario = load_scenario(ns.scenario).path
         base = Side("baseline", ns.baseline, env=_env_pairs(ns.baseline_env))
@@ -132,13 +135,26 @@ def main(argv: list[str]) -> int:
             print(f"ab: baseline {base.rev} ({base.commit[:12]}), candidate {cand.rev} "
                   f"({cand.commit[:12]}{', env ' + str(cand.env) if cand.env else ''}), "
                   f"{ns.rounds} round(s) of {Path(scenario).stem}", file=sys.stderr)
-            for i in range(ns.rounds):
-                order = (base, cand) if i % 2 == 0 else (cand, base)
-                for side in order:
-                    run_side(side, scenario, ns.chain, out / f"{side.name}-{i}", ns.pods)
-            gate_argv = ["--baseline", *map(str, base.outs), "--candidate",
-                         *map(str, cand.outs), *gate_args]
-            return gate.main(gate_argv)
+            failed = 0
+            for k in range(ns.repeat):
+                for side in (base, cand):
+                    side.outs = []
+                for i in range(ns.rounds):
+                    order = (base, cand) if i % 2 == 0 else (cand, base)
+                    for side in order:
+                        run_side(side, scenario, ns.chain, out / f"{k}" / f"{side.name}-{i}",
+                                 ns.pods)
+                gate_argv = ["--baseline", *map(str, base.outs), "--candidate",
+                             *map(str, cand.outs), *gate_args]
+                rc = gate.main(gate_argv)
+                if rc not in (0, 1):
+                    return rc
+                failed += rc
+            if ns.repeat > 1:
+                print(f"ab: {failed}/{ns.repeat} comparisons flagged a regression"
+                      + (" (false-alarm rate: both sides run the same code)"
+                         if base.commit == cand.commit and base.env == cand.env else ""))
+            return 1 if failed else 0
         finally:
             shutil.rmtree(work, ignore_errors=True)  # exported trees (and runs unless --out)
     except (AbError, ScenarioError) as exc:
