@@ -9,9 +9,9 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc libc6-dev make git file \
 	containerd runc qemu-system-x86 busybox-static linux-source-6.1 \
 	flex bison libelf-dev libssl-dev bc cpio xz-utils util-linux iproute2 procps
 
-.PHONY: setup apt venv assets kernel run test protos calibration clean-runs
+.PHONY: setup apt venv assets kernel vm run test protos calibration
 
-setup: apt venv assets
+setup: apt venv assets vm
 
 apt:
 	@missing=$$(for p in $(APT_PACKAGES); do \
@@ -32,8 +32,13 @@ venv: $(VENV)/.installed
 assets: venv
 	$(PY) -m bench.runtimes.assets
 
+# Guest kernel (tinyconfig 6.1, cached by config hash: minutes once, free afterwards) and the
+# initramfs with the Python guest agent.
 kernel: venv
 	$(PY) -m bench.vm.kernel
+
+vm: kernel
+	$(PY) -m bench.vm.initramfs
 
 # The main job: bench + simulate the default scenario and write a report.
 run: setup

@@ -71,16 +71,21 @@ def _binary(name: str, package: str, version_cmd: list[str] | None = None,
     return Check(name, True, found, "")
 
 
-def _guest_kernel() -> Check:
+def _guest_image() -> list[Check]:
+    from bench.vm import initramfs, kernel
+
+    k = kernel.find_kernel()
+    checks = [Check("guest kernel", k is not None,
+                    f"{k.path} ({k.kind})" if k else "no vmlinux built for this config",
+                    "" if k else "make kernel  (python -m bench.vm.kernel)")]
     try:
-        from bench.vm import kernel  # type: ignore[import-not-found]
-    except ImportError:
-        return Check("guest kernel", False, "microVM support not built in this revision",
-                     "make kernel", required=False)
-    info = kernel.find_kernel()
-    if info is None:
-        return Check("guest kernel", False, "no vmlinux built", "make kernel")
-    return Check("guest kernel", True, f"{info.path} ({info.kind})", "")
+        i = initramfs.find_initramfs()
+        found = f"{i.path} ({i.size / 1e6:.1f} MB)" if i else "not built"
+    except initramfs.InitramfsError as exc:
+        i, found = None, str(exc)
+    checks.append(Check("guest initramfs + agent", i is not None, found,
+                        "" if i else "make vm  (python -m bench.vm.initramfs)"))
+    return checks
 
 
 def _assets() -> list[Check]:
@@ -116,7 +121,7 @@ def run_checks() -> list[Check]:
     checks.append(Check("running as root", os.geteuid() == 0, f"euid {os.geteuid()}",
                         "run as root (runc, namespaces and mounts need it)"))
     checks += _assets()
-    checks.append(_guest_kernel())
+    checks += _guest_image()
     accel = accel_mode()
     checks.append(Check("accelerator", True, accel + (" (kvm_intel/kvm_amd loaded)" if accel == "kvm"
                         else " (no kvm_intel/kvm_amd: software emulation)"), "", required=False))

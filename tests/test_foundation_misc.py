@@ -99,3 +99,17 @@ def test_slowdown_knob_stretches_only_its_step(tmp_path, monkeypatch):
     # recorded without any added sleep.
     assert d["task.create"] >= 2 * 0.02e9
     assert d["task.start"] >= 0.02e9 and t.slowdown == {"task.create": 1.0}
+
+
+def test_doctor_passes_after_setup():
+    """`make test` runs the set-up first, so every required prerequisite must be present."""
+    import json
+
+    out = subprocess.run([sys.executable, "-m", "bench.cli", "doctor", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    data = json.loads(out.stdout)
+    missing = [c for c in data["checks"] if c["required"] and not c["ok"]]
+    assert out.returncode == 0 and not missing, missing
+    assert data["accel"] in ("kvm", "tcg")
+    names = {c["name"] for c in data["checks"]}
+    assert {"runc", "containerd-shim-runc-v2", "qemu-system-x86_64", "guest kernel"} <= names
