@@ -1,18 +1,24 @@
 """Owns: A/B benchmarking of two code revisions interleaved in one session, judged by the gate.
 
 `chainbench ab --baseline REV --candidate REV [SCENARIO]` exports each revision's tree with
-`git archive`, then runs `chainbench bench` from each tree in alternating order (A B, B A, ...),
-so slow drift of a shared machine lands on both sides alike, and finally hands all rounds to
-`chainbench gate` (permutation test + noise floor).  Options the gate knows (`--noise-floor`,
-`--metrics`, ...) are passed through.  `--candidate-env KEY=VALUE` runs the candidate with an
-extra environment variable: with `CHAINBENCH_SLOWDOWN=task.create:0.3` on the same revision this
-is the proof that the gate catches a real 30% step slowdown.
+`git archive`, then runs ONE `chainbench bench` session per round in which both revisions are
+variants (`--variant baseline=TREE --variant candidate=TREE`): each chain runs once per revision,
+with that revision's daemons, block by block back to back (A B, B A, ...), so drift of a shared
+machine lands on both sides within seconds.  Separate runs per side were rejected: measured
+with the same code on both sides, 3 of 8 comparisons failed, because pods of one run share
+machine state that the other run never saw.  All rounds (sessions) go to `chainbench gate`,
+which permutes labels only within a session's blocks.  Options the gate knows
+(`--noise-floor`, `--metrics`, `--abs-floor-ms`, ...) are passed through.
+`--candidate-env KEY=VALUE` gives the candidate's daemons an extra environment variable: with
+`CHAINBENCH_SLOWDOWN=task.create:0.3` on the same revision this is the proof that the gate
+catches a real 30% step slowdown.  The load driver itself (client, probes) is this checkout's.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -20,6 +26,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from bench.variants import COMMIT_STAMP
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKTREE = "WORKTREE"  # the checkout as it is on disk, uncommitted changes included
@@ -36,7 +44,6 @@ class Side:
     tree: Path = Path()
     commit: str = ""
     env: dict[str, str] = field(default_factory=dict)
-    outs: list[Path] = field(default_factory=list)
 
 
 def _git(*args: str) -> str:
@@ -63,31 +70,51 @@ def export_tree(rev: str, dest: Path) -> tuple[Path, str]:
         with tarfile.open(tmp) as tf:
             tf.extractall(staging, filter="data")
         tmp.unlink()
+        (staging / COMMIT_STAMP).write_text(commit + "\n")
         staging.rename(tree)
     if not (tree / "bench" / "loaddriver.py").exists():
         raise AbError(f"revision {rev} ({commit[:12]}) has no load driver: cannot bench it")
     return tree, commit
 
 
-def run_side(side: Side, scenario: str, chains: str, out: Path, pods: int | None) -> None:
+def run_session(sides: tuple[Side, Side], scenario: str, chains: str, out: Path,
+                pods: int | None, block: int | None) -> None:
+    """One load-driver session with both sides as variants; runs land in out/<side>/<chain>."""
     cmd = [sys.executable, "-m", "bench.cli", "bench", scenario, "--chain", chains,
            "--out", str(out)]
     if pods is not None:
         cmd += ["--pods", str(pods)]
+    if block is not None:
+        cmd += ["--block", str(block)]
+    for side in sides:  # the first variant listed goes first in the first block
+        cmd += ["--variant", f"{side.name}={side.tree}"]
+        cmd += [a for k, v in side.env.items() for a in ("--variant-env", f"{side.name}:{k}={v}")]
     env = dict(os.environ)
-    # cwd and PYTHONPATH both point at the side's tree: `python -m` puts cwd first on sys.path,
-    # and the daemons the load driver starts inherit both, so every process runs that revision.
-    env["PYTHONPATH"] = str(side.tree)
-    env.update(side.env)
+    # The load driver is this checkout's; each variant's daemons get their tree's PYTHONPATH
+    # and cwd from the load driver (bench.chains).
+    env["PYTHONPATH"] = str(REPO_ROOT)
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, cwd=side.tree, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:])
-        raise AbError(f"{side.name} ({side.rev}) bench failed with exit {proc.returncode}")
-    print(f"ab: {side.name:9} {side.rev} -> {out} ({time.monotonic() - t0:.0f} s)",
-          file=sys.stderr, flush=True)
-    side.outs.append(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = out.parent / f"{out.name}.log"
+    # Output to a file, not a pipe: if `ab` dies, the session must not die of SIGPIPE halfway
+    # through its teardown.  Its own session: one Ctrl-C reaches it once, forwarded below.
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
+                                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait()
+        except BaseException:
+            # Ctrl-C or SIGTERM of `ab`: the session tears its chains down before we leave.
+            proc.send_signal(signal.SIGINT)
+            print(f"ab: interrupted: waiting for the session to clean up (log {log})",
+                  file=sys.stderr, flush=True)
+            proc.wait()
+            raise
+    if rc != 0:
+        sys.stderr.write(log.read_text(errors="replace")[-4000:])
+        raise AbError(f"bench session {out} failed with exit {rc} (log {log})")
+    print(f"ab: session {' '.join(s.name for s in sides)} -> {out} "
+          f"({time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
 
 
 def _env_pairs(pairs: list[str] | None) -> dict[str, str]:
@@ -108,8 +135,16 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--baseline", required=True, help=f"git revision, or {WORKTREE}")
     ap.add_argument("--candidate", required=True, help=f"git revision, or {WORKTREE}")
     ap.add_argument("--chain", default="shim,sandbox", help="chains to bench (shim,sandbox)")
-    ap.add_argument("--rounds", type=int, default=2, help="A/B rounds (order alternates)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="bench sessions pooled per comparison (which side goes first "
+                         "alternates); each holds both sides")
     ap.add_argument("--pods", type=int, default=None, help="override the scenario's pods")
+    # Not one pod per block by default: the gate permutes labels within a block, and a block
+    # of one pod per side leaves 2^pods sign patterns, too few for any p-value to survive Holm
+    # across ~50 metrics at 12 pods (measured: smallest p 0.03 in 30 comparisons).
+    ap.add_argument("--block", type=int, default=None,
+                    help="pods per interleaving block (default: the bench's, "
+                         "max(concurrency, 5)); each block is a stratum of the gate's test")
     ap.add_argument("--out", type=Path, default=None, help="keep runs here (default: temp)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="independent A/B comparisons to make; with the same code on both "
@@ -117,6 +152,21 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--baseline-env", action="append", metavar="KEY=VALUE")
     ap.add_argument("--candidate-env", action="append", metavar="KEY=VALUE")
     ns, gate_args = ap.parse_known_args(argv)
+    old_term = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _run(ns, gate_args)
+    except KeyboardInterrupt:
+        print("chainbench ab: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM ends `ab` the way Ctrl-C does: sessions clean up first
+
+
+def _run(ns: argparse.Namespace, gate_args: list[str]) -> int:
     from reports import gate
     from scenarios.loader import ScenarioError, load_scenario
 
@@ -134,22 +184,24 @@ def main(argv: list[str]) -> int:
                 side.tree, side.commit = export_tree(side.rev, work)
             print(f"ab: baseline {base.rev} ({base.commit[:12]}), candidate {cand.rev} "
                   f"({cand.commit[:12]}{', env ' + str(cand.env) if cand.env else ''}), "
-                  f"{ns.rounds} round(s) of {Path(scenario).stem}", file=sys.stderr)
+                  f"{ns.rounds} session(s) of {Path(scenario).stem} per comparison",
+                  file=sys.stderr)
             failed = 0
             for k in range(ns.repeat):
-                for side in (base, cand):
-                    side.outs = []
+                sessions = []
                 for i in range(ns.rounds):
-                    order = (base, cand) if i % 2 == 0 else (cand, base)
-                    for side in order:
-                        run_side(side, scenario, ns.chain, out / f"{k}" / f"{side.name}-{i}",
-                                 ns.pods)
-                gate_argv = ["--baseline", *map(str, base.outs), "--candidate",
-                             *map(str, cand.outs), *gate_args]
+                    # Alternate which side goes first across sessions (and repeats).
+                    order = (base, cand) if (i + k) % 2 == 0 else (cand, base)
+                    sessions.append(out / f"{k}" / f"session-{i}")
+                    run_session(order, scenario, ns.chain, sessions[-1], ns.pods, ns.block)
+                gate_argv = ["--baseline", *(str(s / base.name) for s in sessions),
+                             "--candidate", *(str(s / cand.name) for s in sessions), *gate_args]
                 rc = gate.main(gate_argv)
                 if rc not in (0, 1):
                     return rc
                 failed += rc
+                print(f"ab: comparison {k + 1}/{ns.repeat}: {'FAIL' if rc else 'PASS'} "
+                      f"({failed} failed so far)", file=sys.stderr, flush=True)
             if ns.repeat > 1:
                 print(f"ab: {failed}/{ns.repeat} comparisons flagged a regression"
                       + (" (false-alarm rate: both sides run the same code)"

@@ -4,6 +4,9 @@ One `Chain` per name in `sim.vocabulary.CHAINS`, each confined to a private dire
 (/run/chainbench/<run-id>/<chain>) and a private cgroup parent (/chainbench-<run-id>/<chain>):
 * `shim`: our engine, runtime handler "shim" → ShimController → containerd-shim-runc-v2;
 * `sandbox`: our engine + our sandboxer, handler "sandbox" → SandboxerController;
+* flavor `microvm`: the shim chain's shim is ours (bench.vmshim, one QEMU microVM per pod), the
+  sandboxer runs `--backend vm` (bench.sandboxer.vms); both boot or restore the same VM recipe
+  from the same cached template snapshot (`prepare_vm_assets` makes it before the run);
 * `containerd`: a private real containerd 1.6 (bench.containerd_peer).
 Confinement is what lets several chains run side by side in one session while the probes count
 only a chain's own processes, and what makes "nothing left behind" checkable.
@@ -22,6 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from bench.containerd_peer import BUSYBOX_REF, ContainerdPeer
 from bench.cri_client import CriClient
@@ -107,6 +111,23 @@ class Chain:
     image: str = BUSYBOX_REF
     started: bool = False
     spans: list[dict[str, object]] = field(default_factory=list)
+    # A/B variants: the daemons we start run another tree's code (PYTHONPATH and cwd point at
+    # it, since `python -m` puts cwd first on sys.path) with extra environment; None = ours.
+    code_tree: Path | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def daemon_env(self) -> dict[str, str] | None:
+        """Environment for our daemons; None (inherit) when no variant is set."""
+        if self.code_tree is None and not self.extra_env:
+            return None
+        env = dict(os.environ)
+        if self.code_tree is not None:
+            env["PYTHONPATH"] = str(self.code_tree)
+        env.update(self.extra_env)
+        return env
+
+    def daemon_cwd(self) -> str | None:
+        return str(self.code_tree) if self.code_tree is not None else None
 
     @property
     def endpoint(self) -> str:
@@ -275,6 +296,7 @@ class EngineChain(Chain):
 
     schema: str = "current"
     flavor: str = "runc"
+    boot: str = "restore"  # microvm flavor: restore | cold
     engine: asyncio.subprocess.Process | None = None
     sandboxer: asyncio.subprocess.Process | None = None
     _logs: list[object] = field(default_factory=list)
@@ -315,14 +337,34 @@ class EngineChain(Chain):
             f"default_runtime = {_toml(self.handler)}",
             "",
         ]
+        if self.flavor == "microvm":
+            # A cold boot under TCG plus the guest agent's start-up can take seconds.
+            lines.insert(-1, "call_timeout_s = 120")
         if self.uses_sandboxer:
             lines += ["[runtimes.sandbox]", 'controller = "sandboxer"',
                       f"address = {_toml(str(self.sandboxer_socket))}",
                       f"schema = {_toml(self.schema)}"]
+        elif self.flavor == "microvm":
+            from bench.vmshim.main import ensure_shim_binary
+            lines += ["[runtimes.shim]", 'controller = "shim"',
+                      f"shim_binary = {_toml(str(ensure_shim_binary()))}"]
         else:
             lines += ["[runtimes.shim]", 'controller = "shim"',
                       'shim_binary = "containerd-shim-runc-v2"']
+        if self.flavor == "microvm":
+            lines.append("vm = true")
         return "\n".join(lines) + "\n"
+
+    def engine_env(self) -> dict[str, str] | None:
+        """The engine's environment; its per-pod shims inherit it (VM choice, trace dir)."""
+        env = self.daemon_env()
+        if self.flavor != "microvm" or self.uses_sandboxer:
+            return env
+        env = dict(os.environ if env is None else env)
+        env.update({"CHAINBENCH_VMSHIM_DIR": str(self.base / "vs"),
+                    "CHAINBENCH_VM_BACKEND": "qemu", "CHAINBENCH_VM_BOOT": self.boot,
+                    "CHAINBENCH_TRACE_DIR": str(self.trace_dir)})
+        return env
 
     def _log(self, name: str) -> object:
         fh = open(self.base / f"{name}.log", "ab")
@@ -336,18 +378,23 @@ class EngineChain(Chain):
         if self.uses_sandboxer:
             sdir = self.base / SANDBOXER_SUBDIR
             sdir.mkdir(exist_ok=True)
+            vm = ["--backend", "vm", "--vm-boot", self.boot] if self.flavor == "microvm" else []
             self.sandboxer = await self.registry.spawn(
                 *py, "sandboxer", "--listen", str(self.sandboxer_socket), "--dir", str(sdir),
-                "--schema", self.schema, "--trace-dir", str(self.trace_dir),
+                "--schema", self.schema, "--trace-dir", str(self.trace_dir), *vm,
                 role="sandboxer", label=self.name, stdin=asyncio.subprocess.DEVNULL,
-                stdout=self._log("sandboxer"), stderr=self._logs[-1])
+                stdout=self._log("sandboxer"), stderr=self._logs[-1], env=self.daemon_env(),
+                cwd=self.daemon_cwd())
+            # The vm backend finds (or, if the driver did not, makes) its snapshot first.
             await wait_socket(self.sandboxer_socket, self.sandboxer, "sandboxer",
+                              timeout_s=300.0 if vm else 30.0,
                               log=self.base / "sandboxer.log")
         cfg = self.base / "engine.toml"
         cfg.write_text(self.engine_config())
         self.engine = await self.registry.spawn(
             *py, "engine", "--config", str(cfg), role="engine", label=self.name,
-            stdin=asyncio.subprocess.DEVNULL, stdout=self._log("engine"), stderr=self._logs[-1])
+            stdin=asyncio.subprocess.DEVNULL, stdout=self._log("engine"), stderr=self._logs[-1],
+            env=self.engine_env(), cwd=self.daemon_cwd())
         await wait_cri_ready(self.endpoint, self.socket, self.engine, "engine",
                              log=self.base / "engine.log")
         self.started = True
@@ -380,17 +427,57 @@ SANDBOXER_SUBDIR = "s"
 MAX_RUN_ROOT = 107 - len("/12345678/sbx/s/") - 64 - len("/task.sock")
 
 
+MAX_VARIANTS = 10  # a variant's lane directory is CHAIN_DIRS[chain][:2] + one digit
+
+
+def lane_dir(name: str, variant_index: int | None) -> str:
+    """Directory name of a chain's lane: as long as CHAIN_DIRS' names (the AF_UNIX budget)."""
+    if variant_index is None:
+        return CHAIN_DIRS[name]
+    if not 0 <= variant_index < MAX_VARIANTS:
+        raise ValueError(f"at most {MAX_VARIANTS} variants")
+    return f"{CHAIN_DIRS[name][:2]}{variant_index}"
+
+
 def make_chain(name: str, run_base: Path, run_id: str, *, schema: str = "current",
-               flavor: str = "runc", registry: ProcessRegistry | None = None) -> Chain:
+               flavor: str = "runc", registry: ProcessRegistry | None = None,
+               variant_index: int | None = None, code_tree: Path | None = None,
+               extra_env: dict[str, str] | None = None, boot: str = "restore") -> Chain:
+    """One chain's processes; with `variant_index` a lane of an A/B session whose daemons run
+    `code_tree` with `extra_env` (the shim, runc and containerd are system binaries)."""
     reg = registry or default_registry()
-    base = run_base / CHAIN_DIRS[name]
-    cg = f"/chainbench-{run_id}/{name}"
+    d = lane_dir(name, variant_index)
+    base = run_base / d
+    cg = f"/chainbench-{run_id}/{name if variant_index is None else d}"
+    env = dict(extra_env or {})
     if name == "containerd":
-        return ContainerdChain(name=name, base=base, cgroup_parent=cg, registry=reg, handler="")
+        return ContainerdChain(name=name, base=base, cgroup_parent=cg, registry=reg, handler="",
+                               code_tree=code_tree, extra_env=env)
     if name in ("shim", "sandbox"):
         return EngineChain(name=name, base=base, cgroup_parent=cg, registry=reg, handler=name,
-                           schema=schema, flavor=flavor)
+                           schema=schema, flavor=flavor, code_tree=code_tree, extra_env=env,
+                           boot=boot)
     raise ValueError(f"unknown chain {name!r}")
+
+
+def prepare_vm_assets(say: Callable[[str], None]) -> str:
+    """Build (or find in the cache) the guest kernel, the initramfs and the template snapshot
+    both microVM chains restore from; returns the snapshot's path.  Minutes the first time.
+    Call it outside an event loop (it runs its own for the snapshot)."""
+    from bench.vm import initramfs, kernel
+    from bench.vmshim import qemu_adapter
+
+    say("microvm: guest kernel (cached by config; a first build takes minutes)")
+    kinfo = kernel.build(quiet=True)
+    say(f"microvm: kernel {kinfo.path}")
+    iinfo = initramfs.build()
+    say(f"microvm: initramfs {iinfo.path}")
+    config = qemu_adapter.vm_config()
+    t = time.monotonic()
+    snap = asyncio.run(qemu_adapter.ensure_snapshot(config))
+    say(f"microvm: template snapshot {snap.path} ({snap.size >> 20} MB, "
+        f"{time.monotonic() - t:.1f}s), accel {config.accel}")
+    return str(snap.path)
 
 
 def run_leftovers(run_base: Path, run_id: str) -> list[str]:

@@ -2,6 +2,7 @@
 
     chainbench bench SCENARIO --chain shim,sandbox,containerd --out DIR
                      [--schema legacy|current] [--pods N] [--concurrency C]
+                     [--variant NAME=TREE ... [--variant-env NAME:KEY=VALUE ...]]
     chainbench bench rpc ...            (RPC round trips: bench.rpcbench)
 
 How the load is shaped (DESIGN §5, "compare as ratios inside one run"):
@@ -15,6 +16,13 @@ How the load is shaped (DESIGN §5, "compare as ratios inside one run"):
   short by a point runs fewer pods at once than the concurrency);
 * all pods stay alive until the ramp completes; then all are stopped and removed, in blocks
   interleaved the same way, timing stop+remove per pod.
+With `--variant NAME=TREE` (two or more) the session compares code revisions (`chainbench ab`):
+each (variant, chain) is a *lane* whose daemons run that tree's code with that variant's extra
+environment, and lanes take the chains' place in the rotation — per block, the chains in
+rotating order, each chain's variants back to back in rotating order (A B, then B A), so two
+variants of a chain meet the same machine state seconds apart.  The client and probes are this
+checkout's.  Output is then DIR/<variant>/<chain>/.  Every pod records its block index
+(pods table column `block`): the gate permutes labels only within a block.
 Because chains take turns, the pods table's `submit_s`/`ready_s` use a *chain-active clock*
 (seconds during which that chain's own blocks ran, from the run start): throughput figures then
 describe the chain, not the chain diluted by the others' turns.  Wall-clock offsets from the run
@@ -40,6 +48,7 @@ from bench.chains import (MAX_RUN_ROOT, RUN_ROOT, Chain, chain_available, make_c
 from bench.cri_client import CriClient, CriError, container_config, pod_config
 from bench.probes import (accel_mode, cpu_seconds, process_table, read_memory, read_threads,
                           scope_processes, tool_versions)
+from bench.variants import Variant, parse_variants
 from reports.schema import HostFacts, RunMeta, write_run
 from scenarios.loader import Scenario, ScenarioError, load_scenario
 from sim.vocabulary import CHAINS
@@ -68,15 +77,17 @@ class PodRecord:
     stop_remove_s: float = math.nan
     error: str = ""
     removed: bool = False
+    block: int = -1  # index in Bench.blocks() of the ramp block that started it
 
 
 @dataclass
 class ChainLoad:
-    """One chain's client, pods and chain-active clock during a session."""
+    """One lane's (a chain, or a variant's chain) client, pods and chain-active clock."""
 
     chain: Chain
     client: CriClient
     pods: list[PodRecord]
+    variant: Variant | None = None
     active_ns: int = 0
     _block_start: int = 0
     memory: list[dict[str, Any]] = field(default_factory=list)
@@ -94,6 +105,11 @@ class ChainLoad:
     def errors(self) -> int:
         return sum(1 for p in self.pods if p.error)
 
+    @property
+    def lane(self) -> str:
+        v = self.variant
+        return self.chain.name if v is None else f"{v.name}/{self.chain.name}"
+
 
 @dataclass
 class Options:
@@ -105,6 +121,15 @@ class Options:
     stop_timeout_s: int
     run_root: Path
     json: bool = False
+    variants: list[Variant] = field(default_factory=list)
+
+    def lanes(self) -> list[tuple[Variant | None, str]]:
+        if not self.variants:
+            return [(None, c) for c in self.chains]
+        return [(v, c) for c in self.chains for v in self.variants]
+
+    def lane_out(self, variant: Variant | None, chain: str) -> Path:
+        return self.out / chain if variant is None else self.out / variant.name / chain
 
 
 class Bench:
@@ -127,17 +152,24 @@ class Bench:
     # -- set-up ----------------------------------------------------------------------------------
     async def start_chains(self) -> None:
         self.run_base.mkdir(parents=True, exist_ok=True)
-        for name in self.o.chains:
+        vidx = {v.name: i for i, v in enumerate(self.o.variants)}
+        for variant, name in self.o.lanes():
             chain = make_chain(name, self.run_base, self.run_id, schema=self.o.schema,
-                               flavor=self.sc.flavor)
-            pods = [PodRecord(index=i, name=f"{name}-{i:04d}", uid=f"{self.run_id}-{name}-{i}",
+                               flavor=self.sc.flavor, boot=self.sc.boot,
+                               variant_index=None if variant is None else vidx[variant.name],
+                               code_tree=None if variant is None else variant.tree,
+                               extra_env=None if variant is None else variant.env)
+            tag = name if variant is None else f"{variant.name}-{name}"
+            pods = [PodRecord(index=i, name=f"{name}-{i:04d}", uid=f"{self.run_id}-{tag}-{i}",
                               warmup=i < self.sc.warmup_pods) for i in range(self.sc.pods)]
-            self.loads[name] = ChainLoad(chain=chain, client=CriClient(chain.endpoint), pods=pods)
+            ld = ChainLoad(chain=chain, client=CriClient(chain.endpoint), pods=pods,
+                           variant=variant)
+            self.loads[ld.lane] = ld
             t = _now()
             await chain.start()
-            self.say(f"{name}: up in {(_now() - t) / 1e9:.2f}s at {chain.endpoint}")
+            self.say(f"{ld.lane}: up in {(_now() - t) / 1e9:.2f}s at {chain.endpoint}")
             for pid in chain.daemons():
-                self.loads[name].cpu_start[pid] = cpu_seconds(pid) or 0.0
+                ld.cpu_start[pid] = cpu_seconds(pid) or 0.0
 
     # -- one pod ---------------------------------------------------------------------------------
     async def start_pod(self, ld: ChainLoad, rec: PodRecord) -> None:
@@ -214,8 +246,17 @@ class Bench:
 
     def order(self, k: int) -> list[ChainLoad]:
         lds = list(self.loads.values())
-        k %= len(lds)
-        return lds[k:] + lds[:k]
+        if not self.o.variants:
+            k %= len(lds)
+            return lds[k:] + lds[:k]
+        # Chains rotate; each chain's variants run back to back, also rotating (A B, B A, ...),
+        # so the variants compared with each other meet nearly the same machine state.
+        chains = list(dict.fromkeys(ld.chain.name for ld in lds))
+        names = [v.name for v in self.o.variants]
+        c, v = k % len(chains), k % len(names)
+        by = {(ld.chain.name, ld.variant.name if ld.variant else ""): ld for ld in lds}
+        return [by[(ch, vn)] for ch in chains[c:] + chains[:c] for vn in names[v:] + names[:v]
+                if (ch, vn) in by]
 
     async def ramp(self) -> None:
         total = self.sc.pods
@@ -223,8 +264,10 @@ class Bench:
             self.sample_memory()
         for k, (idx, sample) in enumerate(self.blocks()):
             for ld in self.order(k):
+                for i in idx:
+                    ld.pods[i].block = k
                 await self.run_block(ld, [ld.pods[i] for i in idx], stop=False)
-                self.say(f"{ld.chain.name}: ramp {idx[-1] + 1}/{total} pods, "
+                self.say(f"{ld.lane}: ramp {idx[-1] + 1}/{total} pods, "
                          f"{ld.alive()} alive, {ld.errors()} errors")
             if sample:
                 self.sample_memory()
@@ -238,7 +281,7 @@ class Bench:
                 recs = [r for r in ld.pods[lo:lo + self.o.block] if not r.removed]
                 if recs:
                     await self.run_block(ld, recs, stop=True)
-                    self.say(f"{ld.chain.name}: teardown {min(lo + self.o.block, n)}/{n}")
+                    self.say(f"{ld.lane}: teardown {min(lo + self.o.block, n)}/{n}")
         for ld in self.loads.values():
             if ld.chain.started:
                 await self.cri_sweep(ld)
@@ -291,7 +334,7 @@ class Bench:
                 "latency_s": r.latency_s, "create_start_s": r.create_start_s,
                 "stop_remove_s": r.stop_remove_s, "outcome": "error" if err else "ok",
                 "error": err, "warmup": r.warmup, "sandbox_id": r.sandbox_id,
-                "submit_wall_s": (r.submit_ns - self.t0) / 1e9,
+                "submit_wall_s": (r.submit_ns - self.t0) / 1e9, "block": r.block,
                 "ready_wall_s": (r.ready_ns - self.t0) / 1e9 if r.ready_ns else math.nan,
             })
         return rows
@@ -316,24 +359,31 @@ class Bench:
         versions = tool_versions()
         host = HostFacts.collect(accel=accel_mode() if self.sc.flavor == "microvm" else "",
                                  versions=versions)
-        for name, ld in self.loads.items():
+        for ld in self.loads.values():
+            name, v = ld.chain.name, ld.variant
+            variant = {} if v is None else {
+                "variant": v.name, "tree": str(v.tree), "commit": v.commit,
+                "variant_env": dict(v.env),
+                "variants_in_session": [x.name for x in self.o.variants]}
             meta = RunMeta(
                 scenario=self.sc.name, source="bench", chain=name, flavor=self.sc.flavor,
                 scenario_digest=self.sc.digest, pods=self.sc.pods,
                 concurrency=self.sc.concurrency, containers_per_pod=self.sc.containers_per_pod,
                 warmup_pods=self.sc.warmup_pods, t0_ns=self.t0, started_at=self.started_at,
                 host=host,
-                extra={"run_id": self.run_id, "chains_in_session": list(self.loads),
+                extra={"run_id": self.run_id, "chains_in_session": list(self.o.chains),
+                       "lanes_in_session": list(self.loads), **variant,
                        "interleave": "blocks, rotating chain order", "block": self.o.block,
                        "clock": "chain-active (submit_s/ready_s); wall in submit_wall_s",
                        "memory_points": list(self.sc.memory_points()),
                        "stop_timeout_s": self.o.stop_timeout_s,
                        "schema": self.o.schema if name == "sandbox" else "",
+                       "boot": self.sc.boot if self.sc.flavor == "microvm" else "",
                        "interrupted": self.interrupted, "forced_cleanup": ld.forced,
                        "run_forced_cleanup": self.forced, "leftovers": self.leftovers},
             )
-            write_run(self.o.out / name, meta, pods=self.pod_rows(ld),
-                      spans=self.span_rows(ld, traced.get(name, [])), memory=ld.memory,
+            write_run(self.o.lane_out(v, name), meta, pods=self.pod_rows(ld),
+                      spans=self.span_rows(ld, traced.get(ld.lane, [])), memory=ld.memory,
                       cpu=list(ld.cpu_rows.values()))
 
 
@@ -342,12 +392,13 @@ async def _stop_all(b: Bench) -> dict[str, list[dict[str, Any]]]:
     traced: dict[str, list[dict[str, Any]]] = {}
     for name, ld in b.loads.items():
         await ld.client.close()
+        logs = b.o.lane_out(ld.variant, ld.chain.name) / "logs"
         try:
-            forced = await ld.chain.stop(keep_logs=b.o.out / name / "logs")
+            forced = await ld.chain.stop(keep_logs=logs)
         except Exception as exc:
             forced = [f"stop failed: {exc!r}"]
         traced[name] = [dict(s) for s in ld.chain.spans]
-        for log in sorted((b.o.out / name / "logs").glob("*.log")):
+        for log in sorted(logs.glob("*.log")):
             bad = sum(1 for line in log.read_text(errors="replace").splitlines()
                       if " ERROR " in line or line.startswith("Traceback"))
             if bad:
@@ -415,13 +466,15 @@ async def run_bench(opts: Options) -> int:
     _print_summary(opts)
     dead = [n for n, ld in b.loads.items() if ld.pods and all(p.error for p in ld.pods)]
     if dead:
-        b.say(f"every pod failed on {dead}: see {opts.out}/<chain>/logs")
+        b.say(f"every pod failed on {dead}: see the logs dir of each run dir in {opts.out}")
     return 1 if b.leftovers or dead else 0
 
 
 async def _load(b: Bench) -> None:
     b.say(f"scenario {b.sc.name}: {b.sc.pods} pods ({b.sc.warmup_pods} warm-up), concurrency "
-          f"{b.sc.concurrency}, chains {b.o.chains}, run dir {b.run_base}")
+          f"{b.sc.concurrency}, chains {b.o.chains}, run dir {b.run_base}"
+          + "".join(f", variant {v.name}={v.tree}{' ' + str(v.env) if v.env else ''}"
+                    for v in b.o.variants))
     await b.start_chains()
     await b.ramp()
 
@@ -429,7 +482,7 @@ async def _load(b: Bench) -> None:
 def _print_summary(opts: Options) -> None:
     from reports.summary import render_table, summarize_paths
 
-    summary = summarize_paths([str(opts.out / c) for c in opts.chains])
+    summary = summarize_paths([str(opts.lane_out(v, c)) for v, c in opts.lanes()])
     if opts.json:
         import json
         print(json.dumps(summary, indent=2, sort_keys=True))
@@ -454,6 +507,13 @@ def parse_args(argv: list[str]) -> Options:
                     help="StopContainer grace seconds (0: SIGKILL at once; sleep ignores TERM)")
     ap.add_argument("--run-root", type=Path, default=RUN_ROOT)
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ap.add_argument("--boot", choices=("restore", "cold"), default=None,
+                    help="microvm flavor: override the scenario's boot mode")
+    ap.add_argument("--variant", action="append", metavar="NAME=TREE",
+                    help="A/B: run every chain once per variant, its daemons from source tree "
+                         "TREE (two or more; output DIR/NAME/CHAIN)")
+    ap.add_argument("--variant-env", action="append", metavar="NAME:KEY=VALUE",
+                    help="extra environment for one variant's daemons; repeatable")
     a = ap.parse_args(argv)
     sc = load_scenario(a.scenario)
     changes: dict[str, Any] = {}
@@ -486,15 +546,21 @@ def parse_args(argv: list[str]) -> Options:
             raise ScenarioError(f"none of the scenario's chains {list(sc.chains)} is available")
     if len(set(chains)) != len(chains):
         raise ScenarioError(f"chain listed twice: {chains}")
-    if sc.flavor != "runc":
-        raise ScenarioError(f"flavor {sc.flavor!r}: the load driver runs the runc flavor only")
+    if sc.flavor == "microvm" and "containerd" in chains:
+        if a.chain:
+            raise ScenarioError("the containerd peer runs the runc flavor only")
+        chains.remove("containerd")
+        if not chains:
+            raise ScenarioError("no chain of this microvm scenario is available")
+    if a.boot:
+        sc = dataclasses.replace(sc, boot=a.boot)
     block = a.block if a.block is not None else max(sc.concurrency, 5)
     if block < sc.concurrency:
         # a block smaller than the concurrency would silently lower the concurrency
         raise ScenarioError(f"--block {block} is below the concurrency {sc.concurrency}")
     return Options(scenario=sc, chains=chains, out=a.out, schema=a.schema or sc.schema,
                    block=block, stop_timeout_s=max(0, a.stop_timeout), run_root=a.run_root,
-                   json=a.json)
+                   json=a.json, variants=parse_variants(a.variant, a.variant_env))
 
 
 def main(argv: list[str]) -> int:
@@ -510,4 +576,14 @@ def main(argv: list[str]) -> int:
         print(f"chainbench bench: --run-root longer than {MAX_RUN_ROOT} characters: socket "
               "paths below it would not fit AF_UNIX", file=sys.stderr)
         return 2
+    if opts.scenario.flavor == "microvm":
+        from bench.chains import prepare_vm_assets
+
+        def say(msg: str) -> None:
+            print(f"[prepare] {msg}", file=sys.stderr, flush=True)
+        try:
+            prepare_vm_assets(say)
+        except Exception as exc:  # no kernel source, a template that would not boot, ...
+            print(f"chainbench bench: microvm assets: {exc}", file=sys.stderr)
+            return 1
     return asyncio.run(run_bench(opts))

@@ -175,7 +175,9 @@ def _under(path: str, dirs: Iterable[str]) -> bool:
 def _is_shim(p: ProcInfo) -> bool:
     name = p.exe or p.comm
     return name.startswith("containerd-shim") or (
-        bool(p.argv) and os.path.basename(p.argv[0]).startswith("containerd-shim"))
+        bool(p.argv) and os.path.basename(p.argv[0]).startswith("containerd-shim")) or (
+        # our microVM shim runs as `python -m bench.vmshim ...` (its wrapper script execs)
+        "bench.vmshim" in p.argv[1:3])
 
 
 def classify(p: ProcInfo, scope: ChainScope) -> str:

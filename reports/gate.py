@@ -3,7 +3,16 @@
 A regression needs two things at once (DESIGN §5): a permutation test on the raw per-pod samples
 says the candidate differs (p < alpha after Holm's correction across all tests of the gate, so
 thirty metrics do not give thirty chances of a false alarm), and the median moved in the worse
-direction by more than a noise floor (5% by default, per metric overridable).  Memory slopes
+direction by more than a noise floor (5% by default, per metric overridable) and by more than
+an absolute floor (0.5 ms by default: a 3 µs step moving 40% is scheduler noise, not code; a
+step whose medians both lie below it is not tested, so it costs the Holm family nothing).
+When both sides come from the same A/B sessions (`chainbench ab`: pods carry their interleaving
+`block`, runs their session `run_id`), the test is stratified: the statistic is the median
+over blocks of the within-block difference (the candidate's median is reported as the
+baseline's plus that shift), and labels are swapped only within one block of one session, so
+machine drift between blocks or sessions cannot pass for a code effect.  Otherwise all samples
+are pooled (exchangeable only if the runs saw the same machine state, which on a shared machine
+separate runs do not: 3 of 8 same-code comparisons of separate runs failed).  Memory slopes
 and error rates have no per-pod samples; they are gated on their floors alone.  Absolute
 thresholds exist only as optional wide sanity bands.
 
@@ -66,6 +75,8 @@ class GateConfig:
     metrics: list[str] = field(default_factory=list)  # fnmatch patterns; empty = all
     bands: dict[str, float] = field(default_factory=dict)  # metric pattern -> max cand p50
     error_rate_floor: float = 0.05  # absolute increase of the failed-pod fraction
+    abs_floor_ms: float = 0.5  # sample metrics: smaller median changes (ms) never count
+    stratify: bool = True  # stratified test when both sides carry blocks of the same sessions
 
     def floor_for(self, metric: str) -> float:
         if metric == "error_rate":
@@ -94,6 +105,7 @@ class MetricComparison:
     p_adjusted: float | None = None
     status: str = "ok"  # ok | regression | improvement | insufficient | missing
     note: str = ""
+    test: str = ""  # strata (within session blocks) | pooled | "" (not tested)
 
     @property
     def key(self) -> Key:
@@ -141,7 +153,9 @@ class GateResult:
             f"alpha {cfg.alpha:g} ({cfg.correction} across the gate's tests), permutation test "
             f"of the {cfg.statistic} ({self.n_perm} permutations, seed {cfg.seed}), noise floor "
             f"{cfg.noise_floor:.0%}" + (f", metric floors {cfg.metric_floors}"
-                                        if cfg.metric_floors else "") + ".",
+                                        if cfg.metric_floors else "")
+            + f", absolute floor {cfg.abs_floor_ms:g} ms; samples "
+            + _tests_used(self.comparisons) + ".",
             "",
         ]
         # The verdict's reasons first: a CI log reader should not have to scan the table.
@@ -172,6 +186,17 @@ class GateResult:
                 lines.append(f"\nUnmatched {side} run: chain={k[0]} flavor={k[1]} "
                              f"scenario={k[2]} (not compared)")
         return "\n".join(lines) + "\n"
+
+
+def _tests_used(comps: list[MetricComparison]) -> str:
+    kinds = {c.test for c in comps if c.test}
+    if kinds == {"strata"}:
+        return ("permuted within interleaving blocks of the same sessions (stratified; cand = "
+                "base + the median shift within blocks)")
+    if kinds == {"pooled"}:
+        return "pooled across runs (no shared session blocks)"
+    return "stratified where both sides share session blocks, else pooled" if kinds else \
+        "not tested"
 
 
 def _num(v: float | None) -> str:
@@ -207,11 +232,6 @@ def _group(runs: Sequence[Run], side: str) -> dict[Key, list[Run]]:
                 f"{side} runs for chain={k[0]} flavor={k[1]} scenario={k[2]} mix sources "
                 f"{sorted(sources)}: compare bench with bench and sim with sim")
     return out
-
-
-def _pooled(runs: list[Run], metric: str) -> np.ndarray:
-    parts = [smp.sample(r, metric) for r in runs]
-    return np.concatenate(parts) if parts else np.array([], dtype=float)
 
 
 def _scalar(runs: list[Run], metric: str) -> float | None:
@@ -257,9 +277,11 @@ def compare_runs(
             f"baseline {sorted(base)}, candidate {sorted(cand)}")
 
     comps: list[MetricComparison] = []
-    pending: list[tuple[int, np.ndarray, np.ndarray]] = []  # comparisons awaiting a test
+    # comparisons awaiting a test: (index, baseline, candidate, their strata or None)
+    pending: list[tuple[int, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]] = []
     for key in sorted(keys):
         b_runs, c_runs = base[key], cand[key]
+        strata = cfg.stratify and smp.same_sessions(b_runs, c_runs)
         b_metrics = {m for r in b_runs for m in smp.metric_names(r)}
         c_metrics = {m for r in c_runs for m in smp.metric_names(r)}
         ordered = [m for m in smp.POD_METRICS if m in b_metrics | c_metrics]
@@ -267,10 +289,10 @@ def compare_runs(
         for metric in ordered:
             if not cfg.wants(metric):
                 continue
-            comp, xb, xc = _compare_samples(key, metric, b_runs, c_runs, cfg)
+            comp, xb, xc, st = _compare_samples(key, metric, b_runs, c_runs, cfg, strata)
             comps.append(comp)
-            if comp.status == "ok":
-                pending.append((len(comps) - 1, xb, xc))
+            if comp.status == "ok" and comp.test:
+                pending.append((len(comps) - 1, xb, xc, st))
         for metric, spec in SCALARS.items():
             if cfg.wants(metric):
                 comps.append(_compare_scalar(key, metric, spec, b_runs, c_runs, cfg))
@@ -280,21 +302,29 @@ def compare_runs(
     n_perm = cfg.n_perm
     if cfg.correction == "holm" and pending:
         n_perm = max(n_perm, math.ceil(3 * len(pending) / cfg.alpha))
-    for i, xb, xc in pending:
+    for i, xb, xc, st in pending:
         c = comps[i]
-        res = stats.permutation_test(xb, xc, statistic=cfg.statistic,  # type: ignore[arg-type]
-                                     n_perm=n_perm, seed=_seed(cfg.seed, c.key, c.metric))
+        seed = _seed(cfg.seed, c.key, c.metric)
+        if st is not None:
+            res = stats.stratified_permutation_test(
+                xb, xc, st[0], st[1], statistic=cfg.statistic,  # type: ignore[arg-type]
+                n_perm=n_perm, seed=seed)
+        else:
+            res = stats.permutation_test(xb, xc, statistic=cfg.statistic,  # type: ignore[arg-type]
+                                         n_perm=n_perm, seed=seed)
         c.p_value = res.p_value
-    tested = [i for i, _, _ in pending]
+    tested = [i for i, _, _, _ in pending]
     raw = [comps[i].p_value for i in tested]
     adj = stats.holm(raw) if cfg.correction == "holm" else list(raw)  # type: ignore[arg-type]
     for i, p in zip(tested, adj):
         c = comps[i]
         c.p_adjusted = p
         significant = p < cfg.alpha
-        if significant and c.change is not None and c.change > c.floor:
+        big = c.base is not None and c.cand is not None and \
+            abs(c.cand - c.base) > cfg.abs_floor_ms
+        if significant and big and c.change is not None and c.change > c.floor:
             c.status = "regression"
-        elif significant and c.change is not None and c.change < -c.floor:
+        elif significant and big and c.change is not None and c.change < -c.floor:
             c.status = "improvement"
         elif significant:
             c.note = "significant, within floor"
@@ -309,10 +339,14 @@ def compare_runs(
     )
 
 
-def _compare_samples(key: Key, metric: str, b_runs: list[Run], c_runs: list[Run],
-                     cfg: GateConfig) -> tuple[MetricComparison, np.ndarray, np.ndarray]:
+def _compare_samples(
+    key: Key, metric: str, b_runs: list[Run], c_runs: list[Run], cfg: GateConfig, strata: bool
+) -> tuple[MetricComparison, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
     """The comparison without its p-value (tests run later, once their number is known)."""
-    xb, xc = _pooled(b_runs, metric) * 1e3, _pooled(c_runs, metric) * 1e3
+    (xb, sb), (xc, sc) = (smp.pooled(b_runs, metric, strata),
+                          smp.pooled(c_runs, metric, strata))
+    xb, xc = xb * 1e3, xc * 1e3
+    st = (sb, sc) if sb is not None and sc is not None else None
     mb = float(np.median(xb)) if xb.size else None
     mc = float(np.median(xc)) if xc.size else None
     c = MetricComparison(*key, metric=metric, unit="ms", n_base=int(xb.size),
@@ -321,11 +355,28 @@ def _compare_samples(key: Key, metric: str, b_runs: list[Run], c_runs: list[Run]
     if xb.size == 0 or xc.size == 0:
         c.status = "missing"
         c.note = "no samples in " + ("baseline" if xb.size == 0 else "candidate")
-        return c, xb, xc
+        return c, xb, xc, st
     if min(xb.size, xc.size) < cfg.min_samples:
         c.status = "insufficient"
         c.note = f"fewer than {cfg.min_samples} samples"
-    return c, xb, xc
+        return c, xb, xc, st
+    if st is not None and not (set(st[0]) & set(st[1])):
+        st = None  # no block holds both sides (e.g. all failed): nothing to stratify on
+    if st is not None and c.base is not None:
+        # The candidate's level is the baseline's plus the shift seen within blocks: a side
+        # whose pods happen to sit in slower blocks (a failed pod, a block cut short) must not
+        # look slower for it, and one stalled pod must not move the change past the floor.
+        c.cand = c.base + stats.stratified_shift(xb, xc, st[0], st[1],
+                                                 cfg.statistic)  # type: ignore[arg-type]
+        c.change = stats.relative_change(c.base, c.cand)
+    assert c.base is not None and c.cand is not None
+    if max(c.base, c.cand) < cfg.abs_floor_ms:
+        # Both medians below the absolute floor: their difference cannot exceed it, so the
+        # metric can never be a regression; testing it would only widen the Holm family.
+        c.note = f"below {cfg.abs_floor_ms:g} ms floor, not tested"
+        return c, xb, xc, st
+    c.test = "strata" if st is not None else "pooled"
+    return c, xb, xc, st
 
 
 def _compare_scalar(key: Key, metric: str, spec: ScalarSpec, b_runs: list[Run],
@@ -416,6 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "metric's unit); repeatable")
     ap.add_argument("--error-rate-floor", type=float, default=0.05,
                     help="allowed absolute increase of the failed-pod fraction (0.05)")
+    ap.add_argument("--abs-floor-ms", type=float, default=0.5,
+                    help="minimum absolute change of a sample metric's median in ms; metrics "
+                         "whose medians both lie below it are not tested (default 0.5)")
+    ap.add_argument("--no-strata", action="store_true",
+                    help="pool all samples even when both sides share session blocks")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     return ap
 
@@ -429,6 +485,8 @@ def main(argv: list[str]) -> int:
     try:
         if ns.noise_floor < 0 or not math.isfinite(ns.noise_floor):
             raise GateInputError("--noise-floor must be a finite number >= 0")
+        if ns.abs_floor_ms < 0 or not math.isfinite(ns.abs_floor_ms):
+            raise GateInputError("--abs-floor-ms must be a finite number >= 0")
         if ns.permutations < 100:
             raise GateInputError("--permutations must be at least 100")
         cfg = GateConfig(
@@ -443,6 +501,8 @@ def main(argv: list[str]) -> int:
             metrics=list(ns.metrics or []),
             bands=_parse_pairs(ns.band, "--band"),
             error_rate_floor=ns.error_rate_floor,
+            abs_floor_ms=ns.abs_floor_ms,
+            stratify=not ns.no_strata,
         )
         baseline, candidate = load_runs(ns.baseline), load_runs(ns.candidate)
         _check_patterns([*baseline, *candidate], cfg)

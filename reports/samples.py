@@ -4,9 +4,13 @@ Metric names are stable strings so a gate invocation can set a floor per metric:
 `run_pod_sandbox`, `create_start`, `stop_remove` (client-side per-pod latencies) and
 `step:<step>` (a RunPodSandbox step's per-pod duration) or `step:<Call>/<step>` for steps of
 other CRI calls.  Values are in seconds, as stored; display code converts to ms.
-Warm-up and failed pods are excluded, exactly as reports.summary does.
+Warm-up and failed pods are excluded, exactly as reports.summary does.  Runs of an A/B session
+(`chainbench bench --variant ...`) record each pod's interleaving `block`; `sample_blocks` and
+`pooled` carry it along for the gate's stratified test.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -80,6 +84,69 @@ def sample(run: Run, metric: str) -> np.ndarray:
         col = df[metric].to_numpy(dtype=float)
         return col[np.isfinite(col)]
     raise KeyError(f"unknown metric {metric!r}")
+
+
+def sample_blocks(run: Run, metric: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """`sample(run, metric)` with each sample's interleaving block (pods column `block`, written
+    by an A/B bench session), or None when the run does not record blocks."""
+    pods = ok_pods(run)
+    has = "block" in pods.columns and pods["block"].notna().all() and bool(len(pods)) and \
+        bool((pods["block"] >= 0).all())
+    if metric in POD_METRICS:
+        col = pods[POD_METRICS[metric]].to_numpy(dtype=float)
+        keep = np.isfinite(col)
+        return col[keep], (pods["block"].to_numpy()[keep].astype(int) if has else None)
+    if metric.startswith("step:"):
+        df = step_durations(run, call=None)
+        if metric not in getattr(df, "columns", ()):
+            return np.array([], dtype=float), (np.array([], dtype=int) if has else None)
+        col = df[metric].to_numpy(dtype=float)
+        keep = np.isfinite(col)
+        if not has:
+            return col[keep], None
+        by_pod = dict(zip(pods["pod"], pods["block"].astype(int)))
+        blocks = np.array([by_pod[p] for p in df.index], dtype=int)
+        return col[keep], blocks[keep]
+    raise KeyError(f"unknown metric {metric!r}")
+
+
+def pooled(runs: Sequence[Run], metric: str,
+           strata: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """All runs' samples, and with `strata` each sample's stratum "<session run_id>:<block>"
+    (the runs must record blocks: see `same_sessions`)."""
+    vals: list[np.ndarray] = []
+    keys: list[np.ndarray] = []
+    for r in runs:
+        x, blocks = sample_blocks(r, metric)
+        vals.append(x)
+        if strata:
+            assert blocks is not None
+            keys.append(np.array([f"{r.meta.extra.get('run_id')}:{b}" for b in blocks],
+                                 dtype=object))
+    x = np.concatenate(vals) if vals else np.array([], dtype=float)
+    if not strata:
+        return x, None
+    return x, (np.concatenate(keys) if keys else np.array([], dtype=object))
+
+
+def _sessions(runs: Sequence[Run]) -> set[str] | None:
+    """The A/B sessions the runs come from; None unless every run records its pods' blocks."""
+    out: set[str] = set()
+    for r in runs:
+        rid = r.meta.extra.get("run_id")
+        p = r.pods
+        if not rid or "block" not in p.columns or p.empty or p["block"].isna().any() \
+                or (p["block"] < 0).any():
+            return None
+        out.add(str(rid))
+    return out
+
+
+def same_sessions(b_runs: Sequence[Run], c_runs: Sequence[Run]) -> bool:
+    """Both sides' runs come from the same sessions and record blocks: one baseline and one
+    candidate run per session, interleaved block by block."""
+    sb, sc = _sessions(b_runs), _sessions(c_runs)
+    return bool(sb) and sb == sc and len(b_runs) == len(sb) and len(c_runs) == len(sc)
 
 
 def step_order(run: Run) -> list[str]:

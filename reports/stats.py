@@ -136,6 +136,113 @@ def permutation_test(
                              alternative)
 
 
+def _strata(a: Iterable[float], b: Iterable[float], strata_a: Sequence[object],
+            strata_b: Sequence[object]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(a, b) samples per stratum held by both sides, in a stable order."""
+    va, vb = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if va.shape != (len(strata_a),) or vb.shape != (len(strata_b),):
+        raise ValueError("every sample needs exactly one stratum")
+    sa = np.array([str(x) for x in strata_a], dtype=object)
+    sb = np.array([str(x) for x in strata_b], dtype=object)
+    out = []
+    for k in sorted(set(sa) & set(sb)):
+        xa, xb = va[(sa == k) & np.isfinite(va)], vb[(sb == k) & np.isfinite(vb)]
+        if xa.size and xb.size:
+            out.append((xa, xb))
+    if not out:
+        raise ValueError("stratified test: no stratum holds samples of both sides")
+    return out
+
+
+def _weights(groups: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    # n_a·n_b/(n_a+n_b): a stratum's weight grows with how well it pins its own difference.
+    w = np.array([xa.size * xb.size / (xa.size + xb.size) for xa, xb in groups])
+    return w / w.sum()
+
+
+def _weighted_median(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Row-wise weighted median of x (m, K) with weights w (K,) summing to 1; the midpoint of
+    the lower and upper weighted medians, so equal weights give the ordinary median."""
+    order = np.argsort(x, axis=1)
+    xs = np.take_along_axis(x, order, axis=1)
+    cw = np.cumsum(w[order], axis=1)
+    lo = np.argmax(cw >= 0.5 - 1e-9, axis=1)
+    hi = np.argmax(cw > 0.5 + 1e-9, axis=1)
+    rows = np.arange(x.shape[0])
+    return (xs[rows, lo] + xs[rows, hi]) / 2.0
+
+
+def _combine(diffs: np.ndarray, w: np.ndarray, statistic: Statistic) -> np.ndarray:
+    """Per-stratum differences (m, K) -> one shift per row: a weighted median of them (robust:
+    one stalled pod moves it little), or their weighted mean for the mean statistic."""
+    return _weighted_median(diffs, w) if statistic == "median" else diffs @ w
+
+
+def stratified_shift(a: Iterable[float], b: Iterable[float], strata_a: Sequence[object],
+                     strata_b: Sequence[object], statistic: Statistic = "median") -> float:
+    """How much b exceeds a, compared within strata only: the weighted median (or mean) over
+    strata of stat(b_k) - stat(a_k).  A side with more pods in slow blocks does not look slower
+    for it; with one pod per side per stratum it is the median of the paired differences."""
+    groups = _strata(a, b, strata_a, strata_b)
+    d = np.array([[float(_stat(xb, statistic)) - float(_stat(xa, statistic))
+                   for xa, xb in groups]])
+    return float(_combine(d, _weights(groups), statistic)[0])
+
+
+def stratified_permutation_test(
+    a: Iterable[float],
+    b: Iterable[float],
+    strata_a: Sequence[object],
+    strata_b: Sequence[object],
+    statistic: Statistic = "median",
+    n_perm: int = 10_000,
+    seed: int = 0,
+    alternative: Alternative = "two-sided",
+) -> PermutationResult:
+    """Permutation test of `stratified_shift` that swaps labels only within a stratum.
+
+    A stratum is a group of samples taken under the same conditions (one interleaving block of
+    one session: the same pod indices of both sides, seconds apart).  Under the null the
+    labels are exchangeable within a stratum but not across strata, since the machine drifts
+    between blocks; the statistic compares the sides within each stratum and the reference
+    distribution keeps every stratum's composition, so drift between strata can pass for an
+    effect neither in the observed value nor in the reference.  With one pod per side per
+    stratum this is a paired sign-flip test.  Strata only one side holds are dropped.
+    """
+    if statistic not in ("median", "mean"):
+        raise ValueError(f"unknown statistic {statistic!r}")
+    if alternative not in ("two-sided", "greater", "less"):
+        raise ValueError(f"unknown alternative {alternative!r}")
+    groups = _strata(a, b, strata_a, strata_b)
+    w = _weights(groups)
+    observed = stratified_shift(a, b, strata_a, strata_b, statistic)
+    rng = np.random.default_rng(seed)
+    scale = max(float(np.abs(np.concatenate([x for g in groups for x in g])).max()), 1.0)
+    tol = 1e-9 * scale  # averaged floats: ties at the observed value must stay ties
+    n_all = sum(xa.size + xb.size for xa, xb in groups)
+    hits = 0
+    block = max(1, _BLOCK_ELEMS // n_all)
+    for lo in range(0, n_perm, block):
+        m = min(n_perm, lo + block) - lo
+        diffs = np.empty((m, len(groups)))
+        for k, (xa, xb) in enumerate(groups):
+            pooled = np.concatenate([xa, xb])
+            perm = rng.permuted(np.broadcast_to(pooled, (m, pooled.size)), axis=1)
+            diffs[:, k] = _stat(perm[:, xa.size:], statistic) - _stat(perm[:, :xa.size],
+                                                                       statistic)
+        diff = _combine(diffs, w, statistic)
+        if alternative == "two-sided":
+            hits += int((np.abs(diff) >= abs(observed) - tol).sum())
+        elif alternative == "greater":
+            hits += int((diff >= observed - tol).sum())
+        else:
+            hits += int((diff <= observed + tol).sum())
+    p = (hits + 1) / (n_perm + 1)
+    return PermutationResult(statistic, observed, float(p),
+                             sum(xa.size for xa, _ in groups), sum(xb.size for _, xb in groups),
+                             n_perm, alternative)
+
+
 def holm(p_values: Sequence[float]) -> list[float]:
     """Holm–Bonferroni adjusted p-values (family-wise error control, any dependence)."""
     p = np.asarray(p_values, dtype=float)

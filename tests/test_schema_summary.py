@@ -75,3 +75,23 @@ def test_bad_inputs(tmp_path):
     out = subprocess.run([sys.executable, "-m", "bench.cli", "summary", str(tmp_path / "empty")],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "no run.json" in out.stderr
+
+
+def test_step_timed_by_two_components_is_not_double_counted(tmp_path):
+    pods = [dict(pod="p", submit_s=0.0, ready_s=0.01, latency_s=0.01, create_start_s=0.0,
+                 stop_remove_s=0.0, outcome="ok", error="", warmup=False)]
+    spans = [  # engine times the RPC (5 ms), the sandboxer its inside (4 ms), plus a retry
+        dict(pod="p", call="RunPodSandbox", step="sandbox.start", component="engine",
+             start_ns=0, end_ns=5_000_000),
+        dict(pod="p", call="RunPodSandbox", step="sandbox.start", component="sandboxer",
+             start_ns=500_000, end_ns=4_500_000),
+        dict(pod="p", call="RunPodSandbox", step="task.connect", component="engine",
+             start_ns=0, end_ns=1_000_000),
+        dict(pod="p", call="RunPodSandbox", step="task.connect", component="engine",
+             start_ns=2_000_000, end_ns=3_000_000),
+    ]
+    d = write_run(tmp_path / "r", RunMeta("s", "bench", "sandbox", "runc"), pods=pods,
+                  spans=spans)
+    steps = summarize(load_run(d))["steps_ms"]
+    assert steps["sandbox.start"]["p50"] == pytest.approx(5.0)
+    assert steps["task.connect"]["p50"] == pytest.approx(2.0)

@@ -12,7 +12,9 @@ Optional keys: `namespace` (containerd namespace given to shims, default "chainb
 `call_timeout_s` (deadline of one backend call, default 30), `stop_timeout_s` (grace period of
 StopContainer/StopPodSandbox when the client gives none, default 10),
 `trace_flush_s` (span flush period, default 1.0), `[runtimes.X] sandboxer` (the sandboxer name
-sent on the Sandbox API, default the handler name).
+sent on the Sandbox API, default the handler name), `[runtimes.X] vm = true` (pods of this
+runtime live in a microVM: containers join no host namespaces, and Task.Create carries the OCI
+process in `options` because the guest cannot read the host's bundle).
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ class RuntimeConfig:
     address: str = ""  # sandboxer socket (sandboxer controller)
     schema: str = "current"  # Sandbox API schema (sandboxer controller)
     sandboxer: str = ""  # name sent in the `sandboxer` field; default = handler name
+    vm: bool = False  # pods run in a microVM (the pause/containers' pids are guest pids)
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,13 @@ def _str(table: dict[str, Any], key: str, default: str, where: str) -> str:
     return value
 
 
+def _bool(table: dict[str, Any], key: str, default: bool, where: str) -> bool:
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
+    return value
+
+
 def _float(table: dict[str, Any], key: str, default: float, where: str) -> float:
     value = table.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
@@ -86,6 +96,7 @@ def _runtime(name: str, table: Any) -> RuntimeConfig:
         address=_str(table, "address", "", where),
         schema=_str(table, "schema", "current", where),
         sandboxer=_str(table, "sandboxer", name, where),
+        vm=_bool(table, "vm", False, where),
     )
     if kind == "sandboxer":
         if not rt.address:

@@ -39,6 +39,8 @@ from bench.tracing import Tracer
 log = logging.getLogger("chainbench.engine.sandboxer")
 
 CONFIG_TYPE_URL = "runtime.v1.PodSandboxConfig"
+# The OCI Process alone (containerd's typeurl for specs.Process): what a guest agent runs.
+PROCESS_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
 TASKS_TYPE_URL = "github.com/containerd/containerd/Tasks"
 PROBE_INTERVAL_S = 1.0  # iSulad probes every 5 s; shorter so benches see recovery sooner
 
@@ -217,6 +219,15 @@ class SandboxerController(TaskApiController):
         # No namespace joins here: the sandboxer points the spec at the pod's pinned ones.
         spec = build_container_spec(ctr.id, config, self.rootfs, {})
         return ContainerRun(container=ctr, spec=spec)
+
+    def _create_options(self, run: ContainerRun) -> Any | None:
+        # A microVM's agent cannot read the host bundle (Kuasar shares it over virtio-fs; we
+        # have no shared dir), so the process travels in the Create call itself.
+        if not self.rt.vm:
+            return None
+        process = run.spec.get("process") or {}
+        return any_pb2.Any(type_url=PROCESS_TYPE_URL,
+                           value=json.dumps(process, separators=(",", ":")).encode())
 
     def _doc(self, sb: Sandbox) -> dict[str, Any]:
         doc = self._tasks.get(sb.id)

@@ -281,7 +281,9 @@ class ShimController(TaskApiController):
     # -- containers ----------------------------------------------------------------------
     async def build_container(self, sb: Sandbox, ctr: Container, config: Any) -> ContainerRun:
         host_net, share_pid = _pod_layout(_pod_config(sb))
-        join = oci.join_pod_namespaces(sb.status.pid, host_network=host_net, share_pid=share_pid)
+        # In a microVM the pause's pid is a guest pid: /proc/<pid>/ns on the host is not it.
+        join = {} if self.rt.vm else oci.join_pod_namespaces(
+            sb.status.pid, host_network=host_net, share_pid=share_pid)
         spec = build_container_spec(ctr.id, config, self.rootfs, join)
         oci.write_bundle(ctr.bundle, spec)
         return ContainerRun(container=ctr, spec=spec)

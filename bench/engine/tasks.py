@@ -103,12 +103,17 @@ class TaskApiController(Controller):
     async def _retract(self, sb: Sandbox, ctr: Container, call: str) -> None:
         """After Task.Delete (the sandboxer forgets the container)."""
 
+    def _create_options(self, run: ContainerRun) -> Any | None:
+        """The `options` of Task.Create (None: none; the endpoint reads the bundle)."""
+        return None
+
     # -- containers ----------------------------------------------------------------------
     async def create_container(self, sb: Sandbox, run: ContainerRun, call: str) -> int:
         ctr = run.container
         bundle = await self._announce(sb, run, call)
         resp = await self._task(sb, call, "task.create", f"Task.Create of {ctr.id[:12]}",
-                                "create", id=ctr.id, bundle=bundle)
+                                "create", id=ctr.id, bundle=bundle,
+                                options=self._create_options(run))
         return int(resp.pid)
 
     async def start_container(self, sb: Sandbox, ctr: Container, call: str) -> int:

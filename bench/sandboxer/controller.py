@@ -73,11 +73,16 @@ class ControllerServicer:
         cfg = _pod_config(request.options)
         pod = hostname = ""
         pinned = nspin.DEFAULT_PLAN
+        annotations: dict[str, str] = {}
         if cfg is not None:
             pod, hostname = cfg.metadata.name, cfg.hostname
             nso = cfg.linux.security_context.namespace_options
             pinned = nspin.plan(nso.ipc, nso.network, request.netns_path)
-        sb = await self.m.create(request.sandbox_id, request.netns_path, pod, hostname, pinned)
+            annotations.update(cfg.annotations)
+        if not self.legacy:
+            annotations.update(request.annotations)  # the request's own win over the pod's
+        sb = await self.m.create(request.sandbox_id, request.netns_path, pod, hostname, pinned,
+                                 annotations)
         return self._resp["Create"](sandbox_id=sb.id)
 
     @_rpc
@@ -120,6 +125,7 @@ class ControllerServicer:
             resp.exited_at.CopyFrom(timestamp(sb.exited_at_ns))
         if request.verbose:
             resp.info.update({"name": sb.pod, "pinned": ",".join(sb.pinned),
+                              "backend": sb.backend, "boot": sb.boot,
                               "netns_path": sb.netns_path, "dir": sb.dir,
                               "containers": ",".join(sorted(sb.containers))})
         if self.legacy:

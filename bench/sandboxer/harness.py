@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench.processes import REGISTRY, find_processes, mounts_below, remove_tree
 
-START_TIMEOUT_S = 30.0
+START_TIMEOUT_S = 300.0  # the vm backend may make its template snapshot first
 
 
 @dataclass
@@ -27,6 +27,7 @@ class SandboxerProcess:
     base: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="sbx", dir="/tmp")))
     trace_dir: str = ""
     proc: subprocess.Popen[bytes] | None = None
+    extra: tuple[str, ...] = ()  # more flags, e.g. ("--backend", "vm")
 
     @property
     def sock(self) -> str:
@@ -47,7 +48,7 @@ class SandboxerProcess:
             a += ["--trace-dir", self.trace_dir]
         if cleanup:
             a.append("--cleanup-on-exit")
-        return a
+        return a + list(self.extra)
 
     def start(self, cleanup: bool = False) -> "SandboxerProcess":
         assert self.proc is None or self.proc.poll() is not None, "already running"

@@ -13,6 +13,10 @@ Semantics (documented choices, Kuasar-like):
   the pinned namespaces, the sandboxer is what serves the pod.
 * The Task API socket lives from Start until Shutdown, so an engine can still Wait/Delete its
   containers' tasks after Stop.
+* Backend `vm` (bench.sandboxer.vms): Start boots or restores a microVM and the task address is
+  its guest agent's socket; the sandbox "pid" is the VMM's; Stop stops the VM; the VM's exit
+  is the sandbox's exit (Wait).  Containers announced by Update/Prepare are recorded (and their
+  bundle written, the host half of a shared dir) but run in the guest, driven by the engine.
 """
 from __future__ import annotations
 
@@ -58,11 +62,17 @@ def valid_id(value: str, what: str = "sandbox id") -> str:
 class Manager:
     """All sandboxes of one sandboxer process."""
 
-    def __init__(self, root: Path, tracer: Tracer | None = None) -> None:
+    def __init__(self, root: Path, tracer: Tracer | None = None, backend: str = "runc",
+                 vm_boot: str = "restore", vm_memory_mb: int | None = None) -> None:
+        from bench.sandboxer.vms import BACKENDS, BOOT_MODES, VmBackend
+        if backend not in BACKENDS or vm_boot not in BOOT_MODES:
+            raise ValueError(f"backend {backend!r} / vm boot {vm_boot!r} unknown")
         self.root = root
         self.tracer = tracer or Tracer(None, "sandboxer")
         self.sandboxes: dict[str, Sandbox] = {}
         self.pinner = nspin.NamespacePinner()
+        self.backend = backend
+        self.vms = VmBackend(self.tracer, boot=vm_boot, memory_mb=vm_memory_mb)
         # Imported here to keep the import graph one-way (containers needs Manager types only).
         from bench.sandboxer.containers import Containers
         self.containers = Containers(self)
@@ -83,11 +93,15 @@ class Manager:
         return sb
 
     def address(self, sb: Sandbox, legacy: bool) -> str:
-        if sb.task_server is None:
-            return ""
-        return ("unix://" if legacy else "ttrpc+unix://") + sb.task_socket
+        if sb.backend == "vm":
+            sock = sb.agent_socket if self.vms.pid(sb.id) else ""
+        else:
+            sock = sb.task_socket if sb.task_server is not None else ""
+        return ("unix://" if legacy else "ttrpc+unix://") + sock if sock else ""
 
     def pid(self, sb: Sandbox) -> int:
+        if sb.backend == "vm":
+            return self.vms.pid(sb.id) if sb.state == READY else 0
         return os.getpid() if sb.state == READY else 0
 
     def state_name(self, sb: Sandbox) -> str:
@@ -100,8 +114,19 @@ class Manager:
     # ------------------------------------------------------------------ lifecycle
     async def create(self, sid: str, netns_path: str = "", pod: str = "",
                      hostname: str = "",
-                     pinned: tuple[str, ...] = nspin.DEFAULT_PLAN) -> Sandbox:
+                     pinned: tuple[str, ...] = nspin.DEFAULT_PLAN,
+                     annotations: dict[str, str] | None = None) -> Sandbox:
+        from bench.sandboxer import vms
         valid_id(sid)
+        ann = annotations or {}
+        try:
+            backend = vms.pick(ann, vms.ANNOTATION_BACKEND, self.backend, vms.BACKENDS)
+            boot = vms.pick(ann, vms.ANNOTATION_BOOT, self.vms.boot, vms.BOOT_MODES) \
+                if backend == "vm" else ""
+        except ValueError as exc:
+            raise SbxError(Code.INVALID_ARGUMENT, str(exc)) from None
+        if backend == "vm":
+            pinned = ()  # the VM is the sandbox: nothing to pin on the host
         if netns_path and not os.path.isabs(netns_path):
             raise SbxError(Code.INVALID_ARGUMENT, f"netns_path must be absolute: {netns_path!r}")
         if len(os.fsencode(str(self.root / sid / "task.sock"))) > UNIX_PATH_MAX:
@@ -118,7 +143,7 @@ class Manager:
             path.mkdir(parents=True)
             sb = Sandbox(id=sid, dir=str(path), pod=pod, hostname=hostname,
                          netns_path=netns_path, pinned=list(pinned),
-                         created_at_ns=time.time_ns())
+                         created_at_ns=time.time_ns(), backend=backend, boot=boot)
             self._attach_runtime(sb)
             self.sandboxes[sid] = sb
             sb.save()
@@ -132,6 +157,10 @@ class Manager:
                 return sb
             if sb.state == STOPPED:
                 raise SbxError(Code.FAILED_PRECONDITION, f"sandbox {sid} is stopped")
+            if sb.backend == "vm":
+                with self.tracer.span(sid, CALL_RUN_POD, "sandbox.start"):
+                    await self._start_vm(sb)
+                return sb
             with self.tracer.span(sid, CALL_RUN_POD, "sandbox.start"):
                 try:
                     await self.pinner.pin(sb.ns_dir, tuple(sb.pinned), sb.hostname)
@@ -146,6 +175,26 @@ class Manager:
                 sb.state = READY
                 sb.save()
             return sb
+
+    async def _start_vm(self, sb: Sandbox) -> None:
+        from bench.vm.qemu import VMError
+        try:
+            await self.vms.start(sb.id, sb.path, sb.boot or self.vms.boot, self._vm_exited)
+        except VMError as exc:
+            raise SbxError(Code.UNAVAILABLE, f"start VM of {sb.id}: {exc}") from None
+        sb.vm = self.vms.record(sb.id)
+        sb.state = READY
+        sb.save()
+
+    async def _vm_exited(self, sid: str, status: int) -> None:
+        """A VM died under a READY sandbox (not by our Stop): the sandbox has exited."""
+        sb = self.sandboxes.get(sid)
+        if sb is None or sb.state != READY:
+            return
+        log.warning("sandbox %s: VM exited with status %d", sid, status)
+        assert sb.lock is not None
+        async with sb.lock:
+            await self._stop_locked(sb, exit_status=status)
 
     async def _serve_tasks(self, sb: Sandbox) -> None:
         from bench.sandboxer.tasks import task_methods
@@ -169,7 +218,11 @@ class Manager:
         if sb.state == STOPPED:
             return
         with self.tracer.span(sb.id, CALL_STOP_POD, "sandbox.stop"):
-            if sb.state == READY:
+            if sb.backend == "vm":
+                # The guest's processes die with it; no host state beyond the VM itself.
+                await self.vms.stop(sb.id)
+                sb.vm = {}
+            elif sb.state == READY:
                 await self.containers.kill_all(sb)
                 # umount waits for an RCU grace period: off the loop
                 await asyncio.to_thread(nspin.release, sb.ns_dir)
@@ -216,6 +269,9 @@ class Manager:
         for sb in await asyncio.to_thread(load_all, self.root):
             self._attach_runtime(sb)
             self.sandboxes[sb.id] = sb
+            if sb.backend == "vm":
+                await self._recover_vm(sb)
+                continue
             if sb.state == CREATED:
                 # A crash between pinning and saving READY may have left pins mounted.
                 await asyncio.to_thread(nspin.release, sb.ns_dir)
@@ -232,6 +288,19 @@ class Manager:
             sb.save()
         log.info("recovered %d sandbox(es) from %s", len(self.sandboxes), self.root)
 
+    async def _recover_vm(self, sb: Sandbox) -> None:
+        if sb.state == READY:
+            if not await self.vms.recover(sb.id, sb.vm, self._vm_exited):
+                log.error("sandbox %s: its VM is gone; marking it stopped", sb.id)
+                sb.vm = {}
+                await self._stop_locked(sb, exit_status=255)
+        elif sb.state == CREATED:
+            # A sandboxer that died during Start may have left a QEMU nobody records: its
+            # command line names this sandbox's agent socket.
+            await self.vms.kill_strays(sb.agent_socket)
+            sb.vm = {}
+        sb.save()
+
     async def close(self, cleanup: bool) -> None:
         """Stop serving; with `cleanup` tear every sandbox down, else leave them for recovery."""
         for sb in list(self.sandboxes.values()):
@@ -243,6 +312,7 @@ class Manager:
             elif sb.task_server is not None:
                 server, sb.task_server = sb.task_server, None
                 await server.close()
+        await self.vms.close(stop_vms=cleanup)
         self.containers.forget_all()
         self.pinner.close()
         self.tracer.flush()

@@ -2,7 +2,11 @@
 recovery at start-up and the SIGTERM/SIGINT shutdown.
 
     chainbench sandboxer --listen SOCK --dir DIR --schema legacy|current [--trace-dir D]
-                         [--cleanup-on-exit]
+                         [--cleanup-on-exit] [--backend runc|vm] [--vm-boot restore|cold]
+                         [--vm-memory-mb N]
+
+`--backend vm` runs each sandbox in a QEMU microVM (bench.sandboxer.vms); with `--vm-boot
+restore` the template snapshot is made or found before the socket is served.
 
 On SIGTERM/SIGINT the process stops serving, flushes its spans and exits; sandboxes (pinned
 namespaces, containers, task sockets' state) are left for the next sandboxer to recover,
@@ -42,6 +46,9 @@ class Options:
     trace_dir: str = ""
     cleanup_on_exit: bool = False
     log_level: str = "INFO"
+    backend: str = "runc"
+    vm_boot: str = "restore"
+    vm_memory_mb: int | None = None
 
 
 def parse_args(argv: list[str]) -> Options:
@@ -57,9 +64,18 @@ def parse_args(argv: list[str]) -> Options:
     ap.add_argument("--cleanup-on-exit", action="store_true",
                     help="tear every sandbox down on SIGTERM/SIGINT instead of leaving them")
     ap.add_argument("--log-level", default="INFO")
+    ap.add_argument("--backend", choices=("runc", "vm"), default="runc",
+                    help="default sandbox kind (per sandbox: annotation "
+                         "io.chainbench.sandbox.backend)")
+    ap.add_argument("--vm-boot", choices=("restore", "cold"), default="restore",
+                    help="vm backend: restore from a template snapshot or cold boot "
+                         "(per sandbox: annotation io.chainbench.vm.boot)")
+    ap.add_argument("--vm-memory-mb", type=int, default=None, help="guest RAM (default 128)")
     ns = ap.parse_args(argv)
+    if ns.vm_memory_mb is not None and ns.vm_memory_mb <= 0:
+        ap.error("--vm-memory-mb must be positive")
     return Options(ns.listen.removeprefix("unix://"), ns.dir, ns.schema, ns.trace_dir,
-                   ns.cleanup_on_exit, ns.log_level)
+                   ns.cleanup_on_exit, ns.log_level, ns.backend, ns.vm_boot, ns.vm_memory_mb)
 
 
 def _become_subreaper() -> None:
@@ -103,7 +119,16 @@ async def serve(opts: Options, ready: asyncio.Event | None = None) -> int:
     _become_subreaper()
     _raise_nofile()
     _use_pidfd_child_watcher()
-    manager = Manager(root, Tracer.from_dir(opts.trace_dir or None, "sandboxer"))
+    manager = Manager(root, Tracer.from_dir(opts.trace_dir or None, "sandboxer"),
+                      backend=opts.backend, vm_boot=opts.vm_boot,
+                      vm_memory_mb=opts.vm_memory_mb)
+    if opts.backend == "vm":
+        try:
+            await manager.vms.prepare()
+        except Exception as exc:  # no kernel/initramfs, or the template would not boot
+            log.error("vm backend not usable: %s", exc)
+            manager.tracer.flush()
+            return 1
     await manager.recover()
     servicer = ControllerServicer(manager, opts.schema)
     server = grpc.aio.server()

@@ -89,6 +89,9 @@ class Sandbox:
     exited_at_ns: int = 0
     exit_status: int = 0
     containers: dict[str, Container] = field(default_factory=dict)
+    backend: str = "runc"      # runc (pinned namespaces) | vm (a microVM, bench.sandboxer.vms)
+    boot: str = ""             # vm: restore | cold
+    vm: dict[str, Any] = field(default_factory=dict)  # vm: MicroVM.record() while it runs
     # runtime only
     ended: asyncio.Event | None = field(default=None, repr=False)
     lock: asyncio.Lock | None = field(default=None, repr=False)
@@ -107,6 +110,11 @@ class Sandbox:
         return str(self.path / "task.sock")
 
     @property
+    def agent_socket(self) -> str:
+        """vm backend: the host end of the guest agent's port (bench.vm.qemu's layout)."""
+        return str(self.path / "agent.sock")
+
+    @property
     def runc_root(self) -> str:
         return str(self.path / "runc")
 
@@ -121,6 +129,7 @@ class Sandbox:
             "created_at_ns": self.created_at_ns, "exited_at_ns": self.exited_at_ns,
             "exit_status": self.exit_status,
             "containers": {k: c.to_json() for k, c in self.containers.items()},
+            "backend": self.backend, "boot": self.boot, "vm": self.vm,
         }
 
     @classmethod
@@ -129,7 +138,9 @@ class Sandbox:
                  pod=d.get("pod", ""), hostname=d.get("hostname", ""),
                  netns_path=d.get("netns_path", ""), pinned=list(d.get("pinned", [])),
                  created_at_ns=d.get("created_at_ns", 0),
-                 exited_at_ns=d.get("exited_at_ns", 0), exit_status=d.get("exit_status", 0))
+                 exited_at_ns=d.get("exited_at_ns", 0), exit_status=d.get("exit_status", 0),
+                 backend=d.get("backend", "runc"), boot=d.get("boot", ""),
+                 vm=dict(d.get("vm") or {}))
         for cid, cd in d.get("containers", {}).items():
             sb.containers[check_id(cid, "container id")] = Container.from_json(cd)
         return sb

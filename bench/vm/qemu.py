@@ -45,12 +45,27 @@ from bench.vm.qmp import QMP, QMPError
 TASK_SERVICE = "containerd.task.v2.Task"
 _SUN_PATH_MAX = 107
 _PR_SET_THP_DISABLE = 41
+_PR_GET_THP_DISABLE = 42
 
 
 def _no_thp() -> None:
     """preexec_fn: no transparent huge pages for the VMM (inherited across exec)."""
     import ctypes
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0)
+
+
+def disable_thp_here() -> None:
+    """Turn THP off for this process, so the VMMs it spawns inherit that without a preexec_fn.
+
+    A preexec_fn runs Python in the forked child; in a process with other threads (a gRPC
+    server: the sandboxer) that child can crash before exec (seen: QEMU "exited" with -11)."""
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0)
+
+
+def _thp_disabled_here() -> bool:
+    import ctypes
+    return ctypes.CDLL(None, use_errno=True).prctl(_PR_GET_THP_DISABLE, 0, 0, 0, 0) == 1
 
 
 class VMError(RuntimeError):
@@ -299,7 +314,8 @@ class MicroVM:
                 self.proc = await self.registry.spawn(
                     *argv, role="vmm", label=self.id, stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL, stderr=err,
-                    preexec_fn=None if self.config.huge_pages else _no_thp)
+                    preexec_fn=None if self.config.huge_pages or _thp_disabled_here()
+                    else _no_thp)
             async with asyncio.timeout(timeout):
                 # Dial and send Connect right away: QEMU holds the bytes until the guest's
                 # port is open, so the agent's answer is not delayed by our QMP polling.
