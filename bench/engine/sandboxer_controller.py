@@ -26,10 +26,11 @@ from bench.engine.config import EngineConfig, RuntimeConfig
 from bench.engine.controller import ContainerRun, ExitInfo, StartInfo, StatusCallback, call_timeout
 from bench.engine.errors import EngineError, from_backend
 from bench.engine.sandbox import Container, Sandbox, SandboxState, now_ns
-from bench.engine.spec import build_container_spec
+from bench.engine.spec import build_container_spec, pod_cgroup_path
 from bench.engine.store import Store
 from bench.engine.tasks import TaskApiController, ts_ns
 from bench.rpc.pb import containerd_types_pb2 as ctypes_pb
+from bench.rpc.pb import cri_v1_pb2 as cri
 from bench.rpc.pb import sandbox_current_pb2 as current
 from bench.rpc.pb import sandbox_legacy_pb2 as legacy
 from bench.rpc.schemas import ControllerStub
@@ -217,7 +218,9 @@ class SandboxerController(TaskApiController):
     # -- containers ----------------------------------------------------------------------
     async def build_container(self, sb: Sandbox, ctr: Container, config: Any) -> ContainerRun:
         # No namespace joins here: the sandboxer points the spec at the pod's pinned ones.
-        spec = build_container_spec(ctr.id, config, self.rootfs, {})
+        pod = cri.PodSandboxConfig.FromString(sb.meta.config_bytes)
+        spec = build_container_spec(ctr.id, config, self.rootfs, {},
+                                    cgroups_path=pod_cgroup_path(pod, ctr.id))
         return ContainerRun(container=ctr, spec=spec)
 
     def _create_options(self, run: ContainerRun) -> Any | None:

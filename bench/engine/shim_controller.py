@@ -27,7 +27,7 @@ from bench.engine.config import EngineConfig, RuntimeConfig
 from bench.engine.controller import ContainerRun, ExitInfo, StartInfo, StatusCallback, call_timeout
 from bench.engine.errors import EngineError, from_backend
 from bench.engine.sandbox import Container, Sandbox, now_ns
-from bench.engine.spec import build_container_spec
+from bench.engine.spec import build_container_spec, pod_cgroup_path
 from bench.engine.store import Store
 from bench.engine.tasks import TaskApiController, is_unavailable, ts_ns
 from bench.processes import ProcessRegistry, process_start_ticks
@@ -110,6 +110,7 @@ class ShimController(TaskApiController):
         try:
             spec = oci.pause_spec(self.rootfs, sb.id, pause_path=assets.PAUSE_IN_ROOTFS,
                                   host_network=host_net, share_pid=share_pid,
+                                  cgroups_path=pod_cgroup_path(config, sb.id),
                                   hostname=None if host_net else (config.hostname or None))
         except oci.SpecError as exc:
             raise EngineError(grpc.StatusCode.INVALID_ARGUMENT, f"pod spec: {exc}") from None
@@ -280,11 +281,13 @@ class ShimController(TaskApiController):
 
     # -- containers ----------------------------------------------------------------------
     async def build_container(self, sb: Sandbox, ctr: Container, config: Any) -> ContainerRun:
-        host_net, share_pid = _pod_layout(_pod_config(sb))
+        pod = _pod_config(sb)
+        host_net, share_pid = _pod_layout(pod)
         # In a microVM the pause's pid is a guest pid: /proc/<pid>/ns on the host is not it.
         join = {} if self.rt.vm else oci.join_pod_namespaces(
             sb.status.pid, host_network=host_net, share_pid=share_pid)
-        spec = build_container_spec(ctr.id, config, self.rootfs, join)
+        spec = build_container_spec(ctr.id, config, self.rootfs, join,
+                                    cgroups_path=pod_cgroup_path(pod, ctr.id))
         oci.write_bundle(ctr.bundle, spec)
         return ContainerRun(container=ctr, spec=spec)
 

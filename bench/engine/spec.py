@@ -40,9 +40,26 @@ def container_env(config: cri.ContainerConfig) -> list[str]:
     return env
 
 
+def pod_cgroup_path(pod_config: cri.PodSandboxConfig, id_: str) -> str | None:
+    """`<cgroup_parent>/<id>` when the pod names a parent (CRI semantics), else runtimes' default.
+
+    Honouring the parent is what lets a run find (and kill) every process of its pods by cgroup,
+    as containerd does; the parent comes from the wire, so it is checked before use in a path.
+    """
+    parent = pod_config.linux.cgroup_parent if pod_config.HasField("linux") else ""
+    if not parent:
+        return None
+    parts = [p for p in parent.split("/") if p]
+    if (not parent.startswith("/") or len(parent) > 512 or not parts
+            or any(p in (".", "..") for p in parts)):
+        raise invalid(f"cgroup_parent {parent!r} must be an absolute path without . or ..")
+    return f"/{'/'.join(parts)}/{id_}"
+
+
 def build_container_spec(container_id: str, config: cri.ContainerConfig, rootfs: str,
                          join: Mapping[str, str], *,
-                         annotations: Mapping[str, str] | None = None) -> dict[str, Any]:
+                         annotations: Mapping[str, str] | None = None,
+                         cgroups_path: str | None = None) -> dict[str, Any]:
     """OCI spec of a workload container joining the pod namespaces in `join`."""
     cwd = config.working_dir or "/"
     if not cwd.startswith("/"):
@@ -51,7 +68,7 @@ def build_container_spec(container_id: str, config: cri.ContainerConfig, rootfs:
     try:
         return oci.container_spec(rootfs, container_id, container_args(config), join=join,
                                   env=container_env(config), cwd=cwd,
-                                  memory_limit=mem or None,
+                                  memory_limit=mem or None, cgroups_path=cgroups_path,
                                   annotations=dict(annotations or {}))
     except oci.SpecError as exc:
         raise invalid(f"cannot build the container spec: {exc}") from exc
