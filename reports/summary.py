@@ -98,6 +98,8 @@ def summarize(run: Run) -> dict[str, Any]:
         "vmm_pss_mb_per_pod": vmm["pss_mb"],
         "steps_ms": steps_ms,
     }
+    if meta.extra.get("variant"):  # an A/B lane: which code revision produced it
+        out["variant"] = meta.extra["variant"]
     agg = meta.extra.get("aggregate")
     if agg:
         # Large simulated runs keep per-pod rows for a sample only; their cluster-wide
@@ -129,8 +131,9 @@ def render_table(summary: dict[str, Any]) -> str:
     rows = [head]
     for r in summary["runs"]:
         rp = r["run_pod_sandbox_ms"]
+        chain = r["chain"] + (f"@{r['variant']}" if r.get("variant") else "")
         rows.append([
-            r["chain"], r["flavor"], r["source"], r["scenario"], r["pods"], r["concurrency"],
+            chain, r["flavor"], r["source"], r["scenario"], r["pods"], r["concurrency"],
             r["errors"], rp["p50"], rp["p95"], rp["p99"], r["pods_per_s"],
             r["create_start_container_ms"]["p50"], r["mgmt_pss_mb_per_pod"],
             r["mgmt_procs_per_pod"],
