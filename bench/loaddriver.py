@@ -43,8 +43,8 @@ from typing import Any
 from bench.chains import MAX_RUN_ROOT, Chain, make_chain, remove_run_base, run_leftovers
 from bench.cri_client import CriClient, CriError, container_config, pod_config
 from bench.loadoptions import Options, parse_args
-from bench.probes import (accel_mode, cpu_seconds, process_table, read_memory, read_threads,
-                          scope_processes, tool_versions)
+from bench.probes import (accel_mode, cpu_children_seconds, cpu_seconds, process_table,
+                          read_memory, read_threads, scope_processes, tool_versions)
 from bench.variants import Variant
 from reports.schema import HostFacts, RunMeta, write_run
 from scenarios.loader import ScenarioError
@@ -88,6 +88,7 @@ class ChainLoad:
     _block_start: int = 0
     memory: list[dict[str, Any]] = field(default_factory=list)
     cpu_start: dict[int, float] = field(default_factory=dict)
+    cpu_children_start: dict[int, float] = field(default_factory=dict)
     cpu_rows: dict[int, dict[str, Any]] = field(default_factory=dict)
     spans: list[dict[str, Any]] = field(default_factory=list)
     forced: list[str] = field(default_factory=list)
@@ -145,6 +146,7 @@ class Bench:
             self.say(f"{ld.lane}: up in {(_now() - t) / 1e9:.2f}s at {chain.endpoint}")
             for pid in chain.daemons():
                 ld.cpu_start[pid] = cpu_seconds(pid) or 0.0
+                ld.cpu_children_start[pid] = cpu_children_seconds(pid) or 0.0
 
     # -- one pod ---------------------------------------------------------------------------------
     async def start_pod(self, ld: ChainLoad, rec: PodRecord) -> None:
@@ -293,7 +295,9 @@ class Bench:
                 if cs is None:
                     continue
                 cs -= ld.cpu_start.get(pid, 0.0)
-                ld.cpu_rows[pid] = {"role": role, "pid": pid, "cpu_s": round(cs, 4)}
+                ch = (cpu_children_seconds(pid) or 0.0) - ld.cpu_children_start.get(pid, 0.0)
+                ld.cpu_rows[pid] = {"role": role, "pid": pid, "cpu_s": round(cs, 4),
+                                    "cpu_children_s": round(ch, 4)}
 
     # -- results -----------------------------------------------------------------------------------
     def pod_rows(self, ld: ChainLoad) -> list[dict[str, Any]]:

@@ -90,6 +90,15 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(f[11]) + int(f[12])) / _CLK_TCK
 
 
+def cpu_children_seconds(pid: int) -> float | None:
+    """cutime + cstime: CPU of the process's children it has reaped (runc under a shim or the
+    sandboxer, `shim start` under the engine), which utime/stime never include."""
+    f = _stat_fields(pid)
+    if f is None or len(f) < 15:
+        return None
+    return (int(f[13]) + int(f[14])) / _CLK_TCK
+
+
 def _read_cgroup(pid: int) -> str:
     try:
         lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
