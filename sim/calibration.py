@@ -6,8 +6,15 @@ of every call (latency distribution, CPU fraction, limit, hold) plus the memory 
 
 `chainbench calibrate BENCH_DIR... --out FILE` fits it from bench run directories: step
 latencies from the spans of sequential (uncontended) runs, CPU fractions from the cpu table,
-per-pod memory from the slope of the memory table over live pods.  Chains the bench runs do not
-cover keep their prior values and say so in their own `provenance`.
+per-pod memory from the slope of the memory table over live pods.
+
+CPU: every process of the testbed (engine, shims, runc, sandboxer) shares the node's cores, so
+with complete accounting (bench's `cpu_children_s`, which holds runc) each step that does CPU
+work queues on `cores` for its CPU share (see `_cpu_fit`): the share is the CPU seconds per
+pod of the step's role in that phase over the per-pod time of the role's steps.  Without
+children's CPU the chain's limits and holds stay (the share of fork/exec steps is unknown).
+Chains the bench runs do not cover keep their prior values and say so in their own
+`provenance`.
 `chainbench calibrate --prior --out FILE` writes the prior (not measured) calibration.
 """
 from __future__ import annotations
@@ -26,7 +33,8 @@ import pandas as pd
 from sim import prior
 from sim.chains import (PER_CONTAINER_CALLS, ChainError, ChainModel, Dist, MemoryItem, Step,
                         default_limit)
-from sim.vocabulary import CALL_RUN_POD, CALLS, FLAVORS
+from sim.vocabulary import (CALL_CREATE_CONTAINER, CALL_RUN_POD, CALL_START_CONTAINER,
+                             CALLS, FLAVORS)
 
 SHIPPED = Path(__file__).resolve().parent.parent / "scenarios" / "calibration-runc.json"
 MODELLED_CHAINS = ("shim", "sandbox")
@@ -168,30 +176,116 @@ def _step_samples(spans: pd.DataFrame, pods: pd.DataFrame, containers: int
     return out
 
 
-def _cpu_fractions(run: Any, samples: dict[str, list[tuple[str, str, float, np.ndarray]]]
-                   ) -> tuple[dict[str, float], bool]:
-    """CPU seconds per second of a role's steps, and whether children's CPU was included.
+# Processes that live for the whole bench run: their CPU is read once, at the end of the run
+# (start-up, ramp and teardown together).  Per-pod processes (shims, pause, containers) are read
+# at the end of the ramp, so their CPU covers the start phase only.
+DAEMON_ROLES = frozenset({"engine", "sandboxer", "containerd"})
+CLK_TCK = 100  # USER_HZ of /proc/PID/stat on Linux (fixed ABI, whatever the kernel's HZ)
+START_CALLS = frozenset({CALL_RUN_POD, CALL_CREATE_CONTAINER, CALL_START_CONTAINER})
+# A step whose limit is a worker pool or the cores does CPU work in one of the node's processes;
+# with `cpu_fit` every such step competes for the cores (see fit_chain).
+CPU_LIMITS = frozenset({"cores", "engine_workers", "sandboxer_workers"})
 
-    A `cpu_children_s` column (CPU of reaped children: runc under a shim or the sandboxer,
-    `shim start` under the engine) makes the fraction cover fork/exec-heavy steps too.
+
+@dataclass(frozen=True)
+class CpuFit:
+    """Per (call, step): the CPU fraction of its latency, from CPU accounting."""
+
+    fraction: dict[tuple[str, str], float]
+    role_fraction: dict[str, float]  # per role, start phase (for steps not on the cores)
+    with_children: bool
+
+
+def _phase(call: str) -> str:
+    return "start" if call in START_CALLS else "stop"
+
+
+def _cpu_fit(run: Any, base: ChainModel,
+             samples: dict[str, list[tuple[str, str, float, np.ndarray]]]) -> CpuFit:
+    """CPU seconds per pod, per role and phase, spread over the steps that do the work.
+
+    The role of a step is its component in the chain's shape (bench sees most steps only from
+    the engine side, but `task.create` of a shim chain burns the shim's and runc's CPU).  A
+    role's CPU per pod (daemons: whole run / pods, split over phases by the time its steps take;
+    per-pod processes: start phase only) over the per-pod time of its CPU steps is their CPU
+    fraction.  A role that burns more CPU than its own steps last (the engine: gRPC and ttrpc
+    handling around the calls it makes) hands the excess to the other CPU steps of the phase,
+    which is when it runs.  Teardown of per-pod processes is not sampled: it takes the role's
+    start-phase fraction.
     """
-    busy: dict[str, float] = {}
-    for rows in samples.values():
-        for _, comp, _, d in rows:
-            role = _ROLE_OF.get(comp)
-            if role:
-                busy[role] = busy.get(role, 0.0) + float(d.sum())
+    reps_of = {c: (max(int(run.meta.containers_per_pod), 1) if c in PER_CONTAINER_CALLS else 1)
+               for c in CALLS}
+    steps: list[tuple[str, str, str, str | None, float]] = []  # call, step, role, limit, busy/pod
+    for call, rows in samples.items():
+        prior_steps = {s.step: s for s in base.steps(call)}
+        for step, comp, _, d in rows:
+            p = prior_steps.get(step)
+            comp = p.component if p is not None else comp
+            lim = p.limit if p is not None else default_limit(step, comp)[0]
+            steps.append((call, step, _ROLE_OF.get(comp, comp), lim,
+                          float(np.mean(d)) * reps_of.get(call, 1)))
     children = "cpu_children_s" in run.cpu.columns
     if run.cpu.empty:
         cpu = pd.Series(dtype=float)
     else:
         tot = run.cpu["cpu_s"] + (run.cpu["cpu_children_s"].fillna(0.0) if children else 0.0)
+        # /proc/PID/stat gives utime, stime, cutime, cstime each rounded down to a clock tick
+        # (10 ms): a short-lived per-pod process (a shim: ~50 ms in all) reads ~half a tick
+        # low per field.  Summed over a daemon it is noise; over one shim per pod it is a
+        # fifth of the pod's CPU, so per-pod processes get the expected truncation back.
+        fields = 4 if children else 2
+        per_pod_proc = ~run.cpu["role"].isin(DAEMON_ROLES)
+        tot = tot + per_pod_proc * (fields * 0.5 / CLK_TCK)
         cpu = tot.groupby(run.cpu["role"]).sum()
-    out = {}
-    for role, b in busy.items():
-        if role in cpu.index and b > 0:
-            out[role] = float(np.clip(cpu[role] / b, 0.02, 1.0))
-    return out, children
+    n_pods = max(len(run.pods), 1)
+    busy: dict[tuple[str, str], float] = {}
+    for call, _, role, lim, b in steps:
+        if lim in CPU_LIMITS:
+            busy[(role, _phase(call))] = busy.get((role, _phase(call)), 0.0) + b
+    demand: dict[tuple[str, str], float] = {}
+    for role in {r for r, _ in busy}:
+        if role not in cpu.index:
+            continue
+        per_pod = float(cpu[role]) / n_pods
+        if role in DAEMON_ROLES:
+            bs, bt = busy.get((role, "start"), 0.0), busy.get((role, "stop"), 0.0)
+            if bs + bt > 0:
+                demand[(role, "start")] = per_pod * bs / (bs + bt)
+                demand[(role, "stop")] = per_pod * bt / (bs + bt)
+        else:
+            demand[(role, "start")] = per_pod
+    frac: dict[tuple[str, str], float] = {}
+    for key, b in busy.items():
+        if key in demand and b > 0:
+            frac[key] = min(demand[key] / b, 1.0)
+    for role, phase in list(frac):  # unsampled teardown of per-pod processes
+        if phase == "start" and (role, "stop") in busy and (role, "stop") not in frac:
+            frac[(role, "stop")] = frac[(role, "start")]
+    out: dict[tuple[str, str], float] = {}
+    for phase in ("start", "stop"):
+        mine = [(c, st, r, b) for c, st, r, lim, b in steps
+                if _phase(c) == phase and lim in CPU_LIMITS and (r, phase) in frac]
+        for c, st, r, _ in mine:
+            out[(c, st)] = frac[(r, phase)]
+        excess = sum(max(demand.get(k, 0.0) - busy[k], 0.0) for k in busy
+                     if k[1] == phase and k in demand)
+        # The CPU steps of the phase take the excess first; what they cannot hold runs during
+        # the phase's other steps (RPC framing in cri.recv, sandbox.update), which then burn
+        # CPU too.  Only CPU the cpu table measured is placed: none is invented for processes
+        # bench does not sample (the load driver itself).
+        free = [(c, st, b) for c, st, r, lim, b in steps
+                if _phase(c) == phase and lim is None and b > 0]
+        for group in ([(c, st, b) for c, st, _, b in mine], free):
+            room = sum((1.0 - out.get((c, st), 0.0)) * b for c, st, b in group)
+            if excess <= 0 or room <= 0:
+                continue
+            f = min(excess / room, 1.0)
+            for c, st, b in group:
+                add = (1.0 - out.get((c, st), 0.0)) * f
+                out[(c, st)] = out.get((c, st), 0.0) + add
+                excess -= add * b
+    role_fraction = {r: v for (r, ph), v in frac.items() if ph == "start"}
+    return CpuFit(fraction=out, role_fraction=role_fraction, with_children=children)
 
 
 def _memory_items(run: Any, base: ChainModel) -> tuple[list[MemoryItem], dict[str, dict]]:
@@ -235,7 +329,7 @@ def fit_chain(run: Any, base: ChainModel, kind: str = "auto") -> ChainModel:
     samples = _step_samples(run.spans, run.pods, int(run.meta.containers_per_pod))
     if CALL_RUN_POD not in samples:
         raise CalibrationError(f"{run.path}: no {CALL_RUN_POD} spans of ok, non-warm-up pods")
-    cpu, with_children = _cpu_fractions(run, samples)
+    fit = _cpu_fit(run, base, samples)
     calls: dict[str, tuple[Step, ...]] = {}
     for call in CALLS:
         if call not in samples:
@@ -253,14 +347,18 @@ def fit_chain(run: Any, base: ChainModel, kind: str = "auto") -> ChainModel:
                 comp, lim = p.component, p.limit
             else:
                 lim = default_limit(step, comp)[0]
-            frac = cpu.get(_ROLE_OF.get(comp, ""), p.cpu if p else 0.5)
-            if lim == "cores":
-                # Per-process CPU misses reaped children (runc, `shim start`): unless bench
-                # recorded them, the CPU share of fork/exec-heavy steps is not observable, so
-                # the chain's value stays.
-                hold = frac if with_children or p is None else p.hold
+            # Per-process CPU misses reaped children (runc, `shim start`): unless bench
+            # recorded them, the CPU of fork/exec-heavy steps is not observable, and without
+            # it no step's CPU share is, so the chain's limits and holds stay.
+            measured = fit.fraction.get((call, step)) if fit.with_children else None
+            if measured is not None:
+                # Every process of the testbed shares the node's cores: a step that burns
+                # measured CPU queues on them for that CPU, whatever pool it also runs in
+                # (an engine worker is a coroutine on one of those cores).
+                frac, lim, hold = measured, "cores", measured
             else:
-                hold = 1.0
+                frac = fit.role_fraction.get(_ROLE_OF.get(comp, ""), p.cpu if p else 0.5)
+                hold = (p.hold if p is not None else frac) if lim == "cores" else 1.0
             out.append(Step(call=call, step=step, component=comp, dist=fit_dist(d, kind),
                             cpu=frac, limit=lim, hold=hold))
         calls[call] = tuple(out)

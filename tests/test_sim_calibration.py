@@ -16,14 +16,16 @@ from sim import calibration
 from sim.calibration import calibrate, fit_dist, load_calibration, prior_calibration
 from sim.cli_simulate import settings_for, simulate_scenario
 from sim.validation import main as validate_main
-from sim.vocabulary import CALL_RUN_POD
+from sim.vocabulary import CALL_REMOVE_CONTAINER, CALL_RUN_POD, CALLS
 
 
 def _bench_like(out: Path, scenario: str, seed: int, **overrides) -> Path:
     sc = load_scenario(scenario)
     from dataclasses import replace
     sc = replace(sc, **overrides)
-    for p in simulate_scenario(sc, settings_for(sc, {"seed": seed}), out, progress=None):
+    # The prior is the ground truth here, whatever calibration the repo ships.
+    for p in simulate_scenario(sc, settings_for(sc, {"seed": seed}), out, progress=None,
+                               cal=prior_calibration()):
         meta = json.loads((p / "run.json").read_text())
         meta["source"] = "bench"
         meta["host"]["accel"] = "tcg"
@@ -133,3 +135,53 @@ def test_blocks_follow_the_bench_load_driver_rule():
                                                (35, 45), (45, 50)]
     assert blocks(20, 5, ()) == [(0, 5), (5, 10), (10, 15), (15, 20)]
     assert blocks(100, 0, (0, 50, 100)) == [(0, 100)]
+
+
+def _with_cpu(src: Path, dst: Path, per_role: dict[str, float]) -> Path:
+    """A copy of a bench dir whose shim-chain cpu table says `per_role` CPU seconds per pod
+    (daemons: one row for the whole run; per-pod processes: one row per pod), children
+    included."""
+    import shutil
+
+    import pandas as pd
+
+    shutil.copytree(src, dst)
+    run = dst / "shim"
+    n = len(pd.read_parquet(run / "pods.parquet"))
+    rows = []
+    for role, s in per_role.items():
+        if role in calibration.DAEMON_ROLES:
+            rows.append({"role": role, "pid": 1, "cpu_s": s * n, "cpu_children_s": 0.0})
+        else:
+            rows += [{"role": role, "pid": 100 + i, "cpu_s": s / 2, "cpu_children_s": s / 2}
+                     for i in range(n)]
+    pd.DataFrame(rows).to_parquet(run / "cpu.parquet", index=False)
+    return dst
+
+
+def test_cpu_accounting_puts_every_measured_step_on_the_cores(bench_dirs, tmp_path):
+    seq, _ = bench_dirs
+    tick = 4 * 0.5 / calibration.CLK_TCK  # truncation handed back per per-pod process
+    low = calibrate([str(_with_cpu(seq, tmp_path / "a", {"engine": 0.001,
+                                                        "shim": 0.02 - tick}))])
+    high = calibrate([str(_with_cpu(seq, tmp_path / "b", {"engine": 0.2,
+                                                         "shim": 0.02 - tick}))])
+    lo = {(s.call, s.step): s for c in CALLS for s in low.model("shim", "runc").steps(c)}
+    hi = {(s.call, s.step): s for c in CALLS for s in high.model("shim", "runc").steps(c)}
+    tc, ts = (CALL_RUN_POD, "task.create"), (CALL_RUN_POD, "task.start")
+    # The shim's CPU (bench times task.create on the engine side) lands on the shim's steps,
+    # in proportion to their time: 20 ms per pod over the shim's start steps.
+    busy = sum(s.dist.median() for k, s in lo.items()
+               if s.component == "shim" and k[0] in calibration.START_CALLS)
+    assert lo[tc].limit == "cores" and lo[tc].hold == pytest.approx(0.02 / busy, rel=0.25)
+    assert lo[tc].hold < 0.9
+    assert lo[tc].hold == lo[ts].hold
+    # Engine bookkeeping burns CPU on the same cores (not on a private worker)
+    assert lo[(CALL_RUN_POD, "engine.prepare")].limit == "cores"
+    # Shim teardown is not sampled (the shim is gone): it takes the start-phase share
+    assert lo[(CALL_REMOVE_CONTAINER, "task.delete")].hold == pytest.approx(lo[tc].hold)
+    # A daemon burning more than its steps last hands the excess to the phase's other steps,
+    # down to the free ones once the CPU steps are full
+    assert hi[tc].hold == pytest.approx(1.0)
+    assert hi[(CALL_RUN_POD, "cri.recv")].limit == "cores"
+    assert lo[(CALL_RUN_POD, "cri.recv")].limit is None
