@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -262,6 +263,20 @@ def leftovers() -> list[Tracked]:
 
 def cleanup(grace: float = DEFAULT_GRACE_S) -> list[int]:
     return REGISTRY.cleanup(grace)
+
+
+def stop_popen(proc: "subprocess.Popen[Any]", sig: int = signal.SIGTERM, timeout: float = 30.0,
+               registry: ProcessRegistry | None = None) -> int | None:
+    """Signal a tracked child, wait for it (SIGKILL after `timeout`), reap it and untrack it."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    (registry or REGISTRY).unregister(proc.pid)
+    return proc.returncode
 
 
 def install_signal_handlers(registry: ProcessRegistry | None = None,

@@ -24,7 +24,7 @@ from typing import Any
 
 import grpc
 
-from bench.processes import REGISTRY, find_processes, mounts_below, remove_tree
+from bench.processes import REGISTRY, find_processes, mounts_below, remove_tree, stop_popen
 from bench.rpc.pb import cri_v1_pb2 as cri
 from bench.rpc.schemas import CriStub
 
@@ -145,19 +145,8 @@ class EngineProcess:
             return ""
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
-        p = self.proc
-        if p is None:
-            return None
-        if p.poll() is None:
-            p.send_signal(sig)
-            try:
-                p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
-        REGISTRY.unregister(p.pid)
-        self.proc = None
-        return p.returncode
+        p, self.proc = self.proc, None
+        return None if p is None else stop_popen(p, sig, timeout)
 
     def kill9(self) -> None:
         self.stop(signal.SIGKILL)

@@ -18,7 +18,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import stat
 import subprocess
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.processes import REGISTRY, ProcessRegistry, Tracked, process_start_ticks
+from bench.sockets import socket_answers
 from bench.runtimes.events import EVENTS_SERVICE, EventReceiver, TaskEvent
 from bench.runtimes.oci import validate_id
 
@@ -256,23 +256,11 @@ def _pid_exists(pid: int) -> bool:
     return process_start_ticks(pid) is not None
 
 
-def _socket_answers(path: str) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.settimeout(0.5)
-        s.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
 def remove_stale_socket(path: str) -> bool:
     """Remove a shim socket nobody listens on any more; True when it is gone."""
     if not path or path.startswith("\0") or not os.path.exists(path):
         return True
-    if _socket_answers(path):
+    if socket_answers(path):
         return False
     try:
         os.unlink(path)
@@ -410,7 +398,7 @@ async def adopt_shim(config: ShimConfig, id: str, bundle: str | os.PathLike[str]
     except FileNotFoundError:
         return None
     pid = find_shim_daemon(config, id, b)
-    if pid is None or not address or not _socket_answers(socket_path_of(address)):
+    if pid is None or not address or not socket_answers(socket_path_of(address)):
         return None
     out = (b / "shim.log") if log_path == "" else (Path(log_path) if log_path else None)
     handle = ShimHandle(id=id, bundle=b, address=address, pid=pid, config=config, log_path=out,

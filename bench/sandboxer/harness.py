@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.processes import REGISTRY, find_processes, mounts_below, remove_tree
+from bench.processes import REGISTRY, find_processes, mounts_below, remove_tree, stop_popen
 
 START_TIMEOUT_S = 300.0  # the vm backend may make its template snapshot first
 
@@ -70,19 +70,8 @@ class SandboxerProcess:
         return self
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
-        p = self.proc
-        if p is None:
-            return None
-        if p.poll() is None:
-            p.send_signal(sig)
-            try:
-                p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
-        REGISTRY.unregister(p.pid)
-        self.proc = None
-        return p.returncode
+        p, self.proc = self.proc, None
+        return None if p is None else stop_popen(p, sig, timeout)
 
     def kill9(self) -> None:
         self.stop(signal.SIGKILL)

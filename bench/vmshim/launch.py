@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.sockets import socket_answers
 from bench.runtimes.oci import SpecError, validate_id
 from bench.vmshim.main import SHIM_NAME, Flags
 
@@ -98,18 +99,6 @@ def _group_of(id_: str) -> str:
     return id_
 
 
-def _answers(path: str) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.settimeout(0.5)
-        s.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
 def _open_log() -> int | None:
     """The bundle's `log` FIFO, write-only, if a reader holds it (else None: no log)."""
     try:
@@ -143,7 +132,7 @@ def action_start(flags: Flags) -> int:
     path = flags.socket or socket_path(flags.address, flags.namespace, group)
     address = f"unix://{path}"
     if os.path.exists(path):
-        if _answers(path):
+        if socket_answers(path):
             _write_address(address)
             print(address, flush=True)
             return 0
@@ -159,7 +148,7 @@ def action_start(flags: Flags) -> int:
         try:
             listener.bind(path)
         except OSError as exc:
-            if exc.errno == errno.EADDRINUSE and _answers(path):
+            if exc.errno == errno.EADDRINUSE and socket_answers(path):
                 # another `start` for the same id won the race: share its daemon
                 _write_address(address)
                 print(address, flush=True)
@@ -347,7 +336,7 @@ def cleanup_from_state(state: dict[str, Any], *, kill_daemon: bool = True) -> No
         if wd and Path(wd).is_relative_to(runtime_dir()):
             shutil.rmtree(wd, ignore_errors=True)
     sock = state.get("socket")
-    if sock and not _answers(sock):
+    if sock and not socket_answers(sock):
         _unlink(sock)
 
 
@@ -362,7 +351,7 @@ def action_delete(flags: Flags) -> int:
         remove_state(bundle)
     # no state (daemon never got that far, or a container bundle): the socket may still linger
     path = flags.socket or socket_path(flags.address, flags.namespace, flags.id)
-    if os.path.exists(path) and not _answers(path):
+    if os.path.exists(path) and not socket_answers(path):
         _unlink(path)
     from bench.rpc.pb import task_v2_pb2
 
