@@ -1,15 +1,16 @@
 """Tests that the notebooks are committed without outputs and execute headless (nbclient) against
-run directories made here, selected with CHAINBENCH_RUNS."""
+run directories the suite makes here: a real (small) interleaved bench session of all three runc
+chains and a real simulation of the same scenario, selected with CHAINBENCH_RUNS."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
-
-from runfixtures import make_run, make_session
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 NAMES = ("shim_vs_sandbox", "sim_vs_measured", "calibration")
@@ -18,9 +19,13 @@ NAMES = ("shim_vs_sandbox", "sim_vs_measured", "calibration")
 @pytest.fixture(scope="module")
 def runs_env(tmp_path_factory: pytest.TempPathFactory) -> str:
     root = tmp_path_factory.mktemp("nbruns")
-    make_session(root / "bench", chains=("shim", "sandbox", "containerd"), seed=2)
-    for chain in ("shim", "sandbox"):
-        make_run(root / "sim" / chain, chain=chain, source="sim", seed=12)
+    cli = [sys.executable, "-m", "bench.cli"]
+    subprocess.run([*cli, "bench", "runc-seq", "--chain", "shim,sandbox,containerd", "--pods",
+                    "6", "--out", str(root / "bench")], check=True, capture_output=True,
+                   timeout=600)
+    subprocess.run([*cli, "simulate", "runc-seq", "--chain", "shim", "--chain", "sandbox",
+                    "--out", str(root / "sim"), "--quiet"], check=True, capture_output=True,
+                   timeout=300)
     return os.pathsep.join([str(root / "bench"), str(root / "sim")])
 
 
