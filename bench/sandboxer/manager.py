@@ -203,13 +203,19 @@ class Manager:
         await server.start(sb.task_socket)
         sb.task_server = server
 
-    async def stop(self, sid: str) -> None:
+    def _find(self, sid: str) -> Sandbox | None:
+        """The sandbox, or None when it is unknown: Stop/Shutdown swallow NotFound, as Kuasar."""
         try:
-            sb = self.get(sid)
+            return self.get(sid)
         except SbxError as exc:
             if exc.code == Code.NOT_FOUND:
-                return
+                return None
             raise
+
+    async def stop(self, sid: str) -> None:
+        sb = self._find(sid)
+        if sb is None:
+            return
         assert sb.lock is not None
         async with sb.lock:
             await self._stop_locked(sb)
@@ -240,12 +246,9 @@ class Manager:
         return sb
 
     async def shutdown(self, sid: str) -> None:
-        try:
-            sb = self.get(sid)
-        except SbxError as exc:
-            if exc.code == Code.NOT_FOUND:
-                return
-            raise
+        sb = self._find(sid)
+        if sb is None:
+            return
         assert sb.lock is not None
         async with sb.lock:
             with self.tracer.span(sid, CALL_REMOVE_POD, "sandbox.shutdown"):

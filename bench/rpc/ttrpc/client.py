@@ -15,7 +15,7 @@ from bench.rpc.pb import ttrpc_pb2
 from bench.rpc.ttrpc.address import display, socket_name
 from bench.rpc.ttrpc.errors import Code, TtrpcError
 from bench.rpc.ttrpc.framing import (HEADER, MAX_PAYLOAD, TYPE_REQUEST, TYPE_RESPONSE,
-                                     FrameError, FrameReader, oversize_error)
+                                     FlowControlledProtocol, FrameError, FrameReader, oversize_error)
 
 M = TypeVar("M")
 Metadata = Mapping[str, "str | Iterable[str]"] | Iterable[tuple[str, str]] | None
@@ -40,18 +40,17 @@ def _metadata_pairs(metadata: Metadata) -> list[ttrpc_pb2.KeyValue]:
     return out
 
 
-class _ClientConnection(asyncio.Protocol):
+class _ClientConnection(FlowControlledProtocol):
     """Transport callbacks; owns the pending-call table."""
 
     def __init__(self, address: str) -> None:
+        super().__init__()
         self.address = address
         self.transport: asyncio.Transport | None = None
         self.pending: dict[int, asyncio.Future[bytes]] = {}
         self.reader = FrameReader(self._on_frame, self._on_oversize)
         self.closed_error: TtrpcError | None = None
         self.lost = asyncio.get_running_loop().create_future()
-        self.paused = False
-        self._drain_waiters: list[asyncio.Future[None]] = []
 
     # -- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -76,13 +75,6 @@ class _ClientConnection(asyncio.Protocol):
             self.lost.set_result(None)
         self._wake_writers()
 
-    def pause_writing(self) -> None:
-        self.paused = True
-
-    def resume_writing(self) -> None:
-        self.paused = False
-        self._wake_writers()
-
     # -- frames -------------------------------------------------------------------------
     def _on_frame(self, sid: int, mtype: int, flags: int, payload: bytes) -> None:
         if mtype != TYPE_RESPONSE:
@@ -105,17 +97,8 @@ class _ClientConnection(asyncio.Protocol):
             if not fut.done():
                 fut.set_exception(err)
 
-    def _wake_writers(self) -> None:
-        waiters, self._drain_waiters = self._drain_waiters, []
-        for w in waiters:
-            if not w.done():
-                w.set_result(None)
-
     async def drain(self) -> None:
-        if self.paused and self.closed_error is None:
-            w = asyncio.get_running_loop().create_future()
-            self._drain_waiters.append(w)
-            await w
+        await self.wait_writable(self.closed_error is not None)
 
 
 class Client:

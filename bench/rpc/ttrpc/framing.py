@@ -9,6 +9,7 @@ and a fast path that parses straight out of the incoming chunk when nothing is b
 """
 from __future__ import annotations
 
+import asyncio
 import struct
 from typing import Callable
 
@@ -138,3 +139,32 @@ class FrameReader:
             del buf[:pos]
         elif pos < end:
             buf += src[pos:]
+
+
+class FlowControlledProtocol(asyncio.Protocol):
+    """Write-side back-pressure shared by client and server connections: the transport pauses
+    us when its buffer is full and writers then wait in `wait_writable` until it resumes (or the
+    connection goes away, which must wake them too)."""
+
+    def __init__(self) -> None:
+        self.paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self._wake_writers()
+
+    def _wake_writers(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    async def wait_writable(self, closed: bool) -> None:
+        if self.paused and not closed:
+            w = asyncio.get_running_loop().create_future()
+            self._drain_waiters.append(w)
+            await w

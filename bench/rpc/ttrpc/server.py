@@ -18,7 +18,7 @@ from bench.rpc.pb import ttrpc_pb2
 from bench.rpc.ttrpc.address import display, is_abstract, socket_name
 from bench.rpc.ttrpc.errors import Code, TtrpcError
 from bench.rpc.ttrpc.framing import (HEADER, MAX_PAYLOAD, TYPE_REQUEST, TYPE_RESPONSE,
-                                     FrameError, FrameReader)
+                                     FlowControlledProtocol, FrameError, FrameReader)
 
 log = logging.getLogger("bench.rpc.ttrpc")
 
@@ -85,8 +85,9 @@ def _metadata(kvs: Any) -> dict[str, list[str]]:
     return md
 
 
-class _ServerConnection(asyncio.Protocol):
+class _ServerConnection(FlowControlledProtocol):
     def __init__(self, server: "Server") -> None:
+        super().__init__()
         self.server = server
         self.services = server._services
         self.loop = asyncio.get_running_loop()
@@ -96,8 +97,6 @@ class _ServerConnection(asyncio.Protocol):
         self.last_sid = 0
         self.peer_pid: int | None = None
         self.peer_uid: int | None = None
-        self.paused = False
-        self._drain_waiters: list[asyncio.Future[None]] = []
         self.closing = False
 
     # -- asyncio.Protocol ---------------------------------------------------------------
@@ -155,19 +154,6 @@ class _ServerConnection(asyncio.Protocol):
             t.cancel()
         self.server._conns.discard(self)
         self._wake_writers()
-
-    def pause_writing(self) -> None:
-        self.paused = True
-
-    def resume_writing(self) -> None:
-        self.paused = False
-        self._wake_writers()
-
-    def _wake_writers(self) -> None:
-        waiters, self._drain_waiters = self._drain_waiters, []
-        for w in waiters:
-            if not w.done():
-                w.set_result(None)
 
     def abort(self) -> None:
         self.closing = True
@@ -290,10 +276,7 @@ class _ServerConnection(asyncio.Protocol):
         t.write(_pack(len(body), sid, TYPE_RESPONSE, 0) + body)
 
     async def _drain(self) -> None:
-        if self.paused and not self.closing:
-            w = self.loop.create_future()
-            self._drain_waiters.append(w)
-            await w
+        await self.wait_writable(self.closing)
 
 
 class Server:
