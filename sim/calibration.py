@@ -8,11 +8,15 @@ of every call (latency distribution, CPU fraction, limit, hold) plus the memory 
 latencies from the spans of sequential (uncontended) runs, CPU fractions from the cpu table,
 per-pod memory from the slope of the memory table over live pods.
 
-CPU: every process of the testbed (engine, shims, runc, sandboxer) shares the node's cores, so
-with complete accounting (bench's `cpu_children_s`, which holds runc) each step that does CPU
-work queues on `cores` for its CPU share (see `_cpu_fit`): the share is the CPU seconds per
-pod of the step's role in that phase over the per-pod time of the role's steps.  Without
-children's CPU the chain's limits and holds stay (the share of fork/exec steps is unknown).
+CPU: every process of the testbed (engine, shims, runc, sandboxer, VMMs) shares the node's
+cores, so with complete accounting (bench's `cpu_children_s`, which holds runc) each step that
+does CPU work queues on `cores` for its CPU share (see `_cpu_fit`): the share is the CPU
+seconds per pod of the step's role in that phase over the per-pod time of the role's steps.
+Steps of a held pool (Sandbox API calls on the sandboxer's workers, VM boots on boot slots)
+keep their pool for the whole step and queue on the cores inside it (two limits); the
+engine's own short bookkeeping (PROMPT_STEPS) records its share but is not queued on the
+cores.  Without children's CPU the chain's limits and holds stay (the share of fork/exec
+steps is unknown).
 Chains the bench runs do not cover keep their prior values and say so in their own
 `provenance`.
 `chainbench calibrate --prior --out FILE` writes the prior (not measured) calibration.
@@ -139,6 +143,39 @@ def fit_dist(samples_s: np.ndarray, kind: str = "auto") -> Dist:
     return Dist("lognormal", median_s=med, sigma=float(max(hi - lo, 0.0) / 2.0))
 
 
+def _exclusive_ns(sp: pd.DataFrame) -> np.ndarray:
+    """Each span's own time: its length minus the time of other steps' spans inside it.
+
+    A microVM's boot and the agent's readiness are traced inside the engine's task.create
+    (shim chain) or the sandboxer's sandbox.start: the model runs them as steps of their own,
+    so the enclosing step keeps only the rest.  Spans of the same step (the client and the
+    server side of one call) are not subtracted from each other.
+    """
+    own = (sp["end_ns"] - sp["start_ns"]).to_numpy(dtype=np.int64).copy()
+    pos = np.arange(len(sp))
+    for _, idx in sp.groupby(["pod", "call"]).indices.items():
+        if len(idx) < 2:
+            continue
+        a = sp["start_ns"].to_numpy()[idx]
+        b = sp["end_ns"].to_numpy()[idx]
+        st = sp["step"].to_numpy()[idx]
+        inside = ((a[None, :] >= a[:, None]) & (b[None, :] <= b[:, None])
+                  & (st[None, :] != st[:, None]))
+        for i in np.flatnonzero(inside.any(axis=1)):
+            j = np.flatnonzero(inside[i])
+            order = np.argsort(a[j])
+            covered, end = 0, None
+            for lo, hi in zip(a[j][order], b[j][order]):
+                if end is None or lo > end:
+                    covered += hi - lo
+                    end = hi
+                elif hi > end:
+                    covered += hi - end
+                    end = hi
+            own[pos[idx[i]]] -= covered
+    return np.maximum(own, 0)
+
+
 def _step_samples(spans: pd.DataFrame, pods: pd.DataFrame, containers: int
                   ) -> dict[str, list[tuple[str, str, float, np.ndarray]]]:
     """Per call: (step, component, median offset in call, per-instance latencies s)."""
@@ -147,7 +184,7 @@ def _step_samples(spans: pd.DataFrame, pods: pd.DataFrame, containers: int
     out: dict[str, list[tuple[str, str, float, np.ndarray]]] = {}
     if sp.empty:
         return out
-    sp = sp.assign(dur=(sp["end_ns"] - sp["start_ns"]) / 1e9)
+    sp = sp.assign(dur=_exclusive_ns(sp) / 1e9)
     call_t0 = sp.groupby(["pod", "call"])["start_ns"].transform("min")
     sp = sp.assign(off=(sp["start_ns"] - call_t0) / 1e9)
     for call, g in sp.groupby("call"):
@@ -162,14 +199,22 @@ def _step_samples(spans: pd.DataFrame, pods: pd.DataFrame, containers: int
             rows.append((str(step), str(comp), off, gs["dur"].to_numpy() / reps))
         rows.sort(key=lambda r: r[2])
         out[str(call)] = rows
-    # Client-observed time the steps do not cover (transport, framing) goes to cri.recv.
-    if CALL_RUN_POD in out:
-        rp = sp[sp["call"] == CALL_RUN_POD]
-        cover = rp.groupby("pod").agg(a=("start_ns", "min"), b=("end_ns", "max"))
-        lat = ok.set_index("pod")["latency_s"].reindex(cover.index)
+    # Client-observed time the steps do not cover (transport, framing) goes to cri.recv, for
+    # every call the client timed (RunPodSandbox: the pod's latency).
+    client = spans[spans["pod"].isin(set(ok["pod"])) & (spans["step"] == "client.call")]
+    for call, rows in out.items():
+        cs = sp[sp["call"] == call]
+        cover = cs.groupby("pod").agg(a=("start_ns", "min"), b=("end_ns", "max"))
+        if call == CALL_RUN_POD:
+            lat = ok.set_index("pod")["latency_s"].reindex(cover.index)
+        else:
+            cc = client[client["call"] == call]
+            if cc.empty or (call in PER_CONTAINER_CALLS and containers > 1):
+                continue  # not timed, or several instances whose envelope is not their sum
+            lat = (cc["end_ns"] - cc["start_ns"]).groupby(cc["pod"]).sum().reindex(
+                cover.index) / 1e9
         gap = np.maximum((lat - (cover["b"] - cover["a"]) / 1e9).to_numpy(), 0.0)
         gap = np.nan_to_num(gap)
-        rows = out[CALL_RUN_POD]
         for i, (step, comp, off, d) in enumerate(rows):
             if step == "cri.recv" and d.size == gap.size:
                 rows[i] = (step, comp, off, d + gap)
@@ -184,7 +229,17 @@ CLK_TCK = 100  # USER_HZ of /proc/PID/stat on Linux (fixed ABI, whatever the ker
 START_CALLS = frozenset({CALL_RUN_POD, CALL_CREATE_CONTAINER, CALL_START_CONTAINER})
 # A step whose limit is a worker pool or the cores does CPU work in one of the node's processes;
 # with `cpu_fit` every such step competes for the cores (see fit_chain).
-CPU_LIMITS = frozenset({"cores", "engine_workers", "sandboxer_workers"})
+CPU_LIMITS = frozenset({"cores", "engine_workers", "sandboxer_workers", "vmm_boots"})
+# Pools whose steps hold their worker for the whole step and, inside it, queue on the cores
+# for their measured CPU part (see chains.Step.cores): the sandboxer serves Sandbox API calls
+# one at a time, and a call that waits for a core keeps every call behind it waiting; a VM
+# boot (TCG: the VMM's CPU work) keeps its boot slot while it waits for cores.
+HELD_POOLS = frozenset({"sandboxer_workers", "vmm_boots"})
+# The engine's own bookkeeping: sub-millisecond to a few ms of work on one asyncio loop that
+# sleeps between requests.  The kernel runs such a short wake-up within its scheduling slice
+# (EEVDF base slice: 0.75 ms x (1 + log2 cores)) instead of behind runc's tens-of-ms bursts,
+# so these steps are not queued on the cores (prepare and commit keep the engine's worker).
+PROMPT_STEPS = frozenset({"cri.recv", "engine.prepare", "engine.commit", "cri.reply"})
 
 
 @dataclass(frozen=True)
@@ -351,16 +406,24 @@ def fit_chain(run: Any, base: ChainModel, kind: str = "auto") -> ChainModel:
             # recorded them, the CPU of fork/exec-heavy steps is not observable, and without
             # it no step's CPU share is, so the chain's limits and holds stay.
             measured = fit.fraction.get((call, step)) if fit.with_children else None
-            if measured is not None:
+            cores = 0.0
+            if measured is not None and comp == "engine" and step in PROMPT_STEPS:
+                # The engine's own bookkeeping keeps the chain's shape (its worker, or none):
+                # its CPU is counted, but it does not queue behind other processes' bursts.
+                frac, hold = measured, 1.0
+            elif measured is not None and lim in HELD_POOLS:
+                # A request handler of a pool: it keeps its worker while it waits for a core
+                # and runs its CPU part on one (every process of the testbed shares the cores).
+                frac, hold, cores = measured, 1.0, measured
+            elif measured is not None:
                 # Every process of the testbed shares the node's cores: a step that burns
-                # measured CPU queues on them for that CPU, whatever pool it also runs in
-                # (an engine worker is a coroutine on one of those cores).
+                # measured CPU queues on them for that CPU.
                 frac, lim, hold = measured, "cores", measured
             else:
                 frac = fit.role_fraction.get(_ROLE_OF.get(comp, ""), p.cpu if p else 0.5)
                 hold = (p.hold if p is not None else frac) if lim == "cores" else 1.0
             out.append(Step(call=call, step=step, component=comp, dist=fit_dist(d, kind),
-                            cpu=frac, limit=lim, hold=hold))
+                            cpu=frac, limit=lim, hold=hold, cores=cores if cores > 0 else 0.0))
         calls[call] = tuple(out)
     items, _ = _memory_items(run, base)
     return replace(base, calls=calls, memory=tuple(items), provenance=f"measured: {run.path}")

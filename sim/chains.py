@@ -2,8 +2,12 @@
 
 A chain (shim | sandbox, per flavor) is a list of `Step`s per CRI call, in execution order,
 using the step names of sim.vocabulary so a simulated trace lines up with a bench trace.  Each
-step carries its latency distribution, the fraction of it that is CPU work, the one concurrency
-limit it queues on (or none) and how much of its latency it holds that limit.  The numbers come
+step carries its latency distribution, the fraction of it that is CPU work, the limit it queues
+on (or none) and how much of its latency it holds that limit.  A step may hold two limits: a
+worker pool for its whole duration (one engine or sandboxer request handler, a VMM boot slot)
+and, inside it, the node's cores for its CPU part (`cores`) — a handler that waits for a core
+keeps its worker, which is how one busy process stalls every request queued behind it.
+The numbers come
 from a calibration file (sim.calibration); this module only knows the *shape* of each chain
 (which steps, in which component, queueing where) and turns a calibration into a `Program` —
 the flat, pod-lifecycle ordered step list the node models execute.
@@ -128,8 +132,11 @@ class Step:
     component: str
     dist: Dist
     cpu: float = 0.0  # fraction of the latency that is CPU work (cpu table, per role)
-    limit: str | None = None  # the one concurrency limit it queues on
+    limit: str | None = None  # the concurrency limit it queues on first
     hold: float = 1.0  # fraction of the latency the limit is held (the rest is waiting)
+    # With a pool as `limit`: the fraction of the latency spent on the node's cores, queued for
+    # once the pool is granted and held inside the pool's hold (0: the pool only).
+    cores: float = 0.0
 
     def __post_init__(self) -> None:
         check_step(self.step)
@@ -142,14 +149,30 @@ class Step:
                              f"known: {list(LIMITS)}")
         if not (0.0 <= self.cpu <= 1.0 and 0.0 <= self.hold <= 1.0):
             raise ChainError(f"step {self.call}/{self.step}: cpu and hold must be in [0, 1]")
+        if not 0.0 <= self.cores <= self.hold:
+            raise ChainError(f"step {self.call}/{self.step}: cores must be in [0, hold] "
+                             f"(the core part runs while the pool is held), got {self.cores}")
+        if self.cores > 0 and self.limit in (None, "cores"):
+            raise ChainError(f"step {self.call}/{self.step}: cores > 0 needs a pool as limit; "
+                             f"a step on the cores alone is limit 'cores' with its hold")
 
     @property
     def key(self) -> str:
         return f"{self.call}/{self.step}"
 
     def to_json(self) -> dict[str, Any]:
-        return {"step": self.step, "component": self.component, "dist": self.dist.to_json(),
-                "cpu": self.cpu, "limit": self.limit, "hold": self.hold}
+        out = {"step": self.step, "component": self.component, "dist": self.dist.to_json(),
+               "cpu": self.cpu, "limit": self.limit, "hold": self.hold}
+        if self.cores:
+            out["cores"] = self.cores
+        return out
+
+    @classmethod
+    def from_json(cls, call: str, s: dict[str, Any]) -> "Step":
+        return cls(call=call, step=s["step"], component=s["component"],
+                   dist=Dist.from_json(s["dist"]), cpu=float(s.get("cpu", 0)),
+                   limit=s.get("limit"), hold=float(s.get("hold", 1.0)),
+                   cores=float(s.get("cores", 0.0)))
 
 
 @dataclass(frozen=True)
@@ -239,9 +262,7 @@ class ChainModel:
             out = []
             for s in steps:
                 try:
-                    out.append(Step(call=call, step=s["step"], component=s["component"],
-                                    dist=Dist.from_json(s["dist"]), cpu=float(s.get("cpu", 0)),
-                                    limit=s.get("limit"), hold=float(s.get("hold", 1.0))))
+                    out.append(Step.from_json(call, s))
                 except (KeyError, TypeError, ValueError) as exc:
                     raise ChainError(f"chain {key} call {call}: bad step {s!r}: {exc}") from exc
             calls[call] = tuple(out)
@@ -251,10 +272,7 @@ class ChainModel:
         alts: dict[str, Step] = {}
         for name, s in dict(d.get("alternatives", {})).items():
             try:
-                alts[name] = Step(call=s.get("call", CALL_RUN_POD), step=s["step"],
-                                  component=s["component"], dist=Dist.from_json(s["dist"]),
-                                  cpu=float(s.get("cpu", 0)), limit=s.get("limit"),
-                                  hold=float(s.get("hold", 1.0)))
+                alts[name] = Step.from_json(s.get("call", CALL_RUN_POD), s)
             except (KeyError, TypeError, ValueError) as exc:
                 raise ChainError(f"chain {key}: bad alternative {name}: {exc}") from exc
         return cls(chain=chain, flavor=flavor, calls=calls, memory=mem, alternatives=alts,
@@ -303,8 +321,9 @@ def _shape_calls(chain: str, flavor: str) -> dict[str, list[tuple[str, str]]]:
 
 
 # Which limit a step queues on, by (step, component).  Engine bookkeeping serialises on the
-# engine's workers; fork/exec-heavy work (shim start, runc) competes for cores; the sandboxer's
-# own bookkeeping on its workers; VM boots on boot slots.
+# engine's workers; fork/exec-heavy work (shim start, runc) competes for cores; every Sandbox
+# API call (gRPC Controller) on the sandboxer's request workers — bench shows them served one
+# at a time, in arrival order, however many pods wait; VM boots on boot slots.
 _LIMIT_BY_STEP: dict[tuple[str, str], str] = {
     ("engine.prepare", "engine"): "engine_workers",
     ("engine.commit", "engine"): "engine_workers",
@@ -317,8 +336,10 @@ _LIMIT_BY_STEP: dict[tuple[str, str], str] = {
     ("task.start", "sandboxer"): "cores",
     ("task.delete", "sandboxer"): "cores",
     ("sandbox.create", "sandboxer"): "sandboxer_workers",
-    ("sandbox.start", "sandboxer"): "cores",
-    ("sandbox.shutdown", "sandboxer"): "cores",
+    ("sandbox.start", "sandboxer"): "sandboxer_workers",
+    ("sandbox.update", "sandboxer"): "sandboxer_workers",
+    ("sandbox.stop", "sandboxer"): "sandboxer_workers",
+    ("sandbox.shutdown", "sandboxer"): "sandboxer_workers",
     ("vm.boot", "vmm"): "vmm_boots",
     ("vm.restore", "vmm"): "vmm_boots",
 }
@@ -354,10 +375,28 @@ class Program:
     hold: tuple[float, ...] = field(default=())
     # Per step: which call instance it belongs to (a pod's second CreateContainer is another).
     instance: tuple[int, ...] = field(default=())
+    # Per step: the fraction of the latency it runs on the cores while holding its pool (0:
+    # one limit only); nonzero only when both the pool and the cores are contended.
+    core_hold: tuple[float, ...] = field(default=())
 
     @property
     def limited(self) -> tuple[int, ...]:
         return tuple(i for i, r in enumerate(self.limit_index) if r >= 0)
+
+    @property
+    def core_index(self) -> int:
+        """Index of `cores` in `limits`, or -1 when the cores are not contended."""
+        return self.limits.index("cores") if "cores" in self.limits else -1
+
+    @property
+    def two_limit(self) -> bool:
+        return any(h > 0 for h in self.core_hold)
+
+    @property
+    def queued_pools(self) -> frozenset[int]:
+        """Limits (indices) held by a two-limit step: a holder's release time is not known
+        when it is granted (it still has to wait for a core), so they run as real queues."""
+        return frozenset(r for r, h in zip(self.limit_index, self.core_hold) if h > 0)
 
     def call_bounds(self, call: str) -> tuple[int, int] | None:
         """First and last step index of `call` (over all its repetitions)."""
@@ -389,13 +428,31 @@ def build_program(model: ChainModel, calls: list[str], capacities: dict[str, int
         got = model.steps(call)
         steps.extend(got)
         instance.extend([n] * len(got))
-    used = sorted({s.limit for s in steps if s.limit is not None}, key=LIMITS.index)
+    used_set = {s.limit for s in steps if s.limit is not None}
+    if any(s.cores > 0 for s in steps):
+        used_set.add("cores")
+    used = sorted(used_set, key=LIMITS.index)
     for lim in used:
         if capacities.get(lim, 0) < 1:
             raise ChainError(f"limit {lim} needs a capacity >= 1, got {capacities.get(lim)}")
     contended = [lim for lim in used if not prune or capacities[lim] < max_in_flight]
-    limit_index = tuple(contended.index(s.limit) if s.limit in contended else -1 for s in steps)
-    hold = tuple(s.hold if r >= 0 else 0.0 for s, r in zip(steps, limit_index))
-    return Program(steps=tuple(steps), limit_index=limit_index, limits=tuple(contended),
-                   capacities=tuple(capacities[lim] for lim in contended), hold=hold,
-                   instance=tuple(instance))
+    limit_index: list[int] = []
+    hold: list[float] = []
+    core_hold: list[float] = []
+    for s in steps:
+        if s.limit in contended:
+            limit_index.append(contended.index(s.limit))
+            hold.append(s.hold)
+            core_hold.append(s.cores if "cores" in contended else 0.0)
+        elif s.cores > 0 and "cores" in contended:
+            # The pool never makes it wait: only its time on the cores is contended.
+            limit_index.append(contended.index("cores"))
+            hold.append(s.cores)
+            core_hold.append(0.0)
+        else:
+            limit_index.append(-1)
+            hold.append(0.0)
+            core_hold.append(0.0)
+    return Program(steps=tuple(steps), limit_index=tuple(limit_index), limits=tuple(contended),
+                   capacities=tuple(capacities[lim] for lim in contended), hold=tuple(hold),
+                   instance=tuple(instance), core_hold=tuple(core_hold))

@@ -17,6 +17,9 @@ same thing without an event object per step:
   node's earliest pending request (argmin over its pods) and serves it — one numpy pass per
   event *rank* instead of one Python step per event.
 
+Programs with two-limit steps (a pool held while its holder waits for a core) run their
+pools as real queues in sim.fast_pools.
+
 Pods with equal instants are served lowest pod first; the reference SimPy model serves them in
 event-creation order.  With continuous latencies such ties have probability ~0; the equality
 test (tests/test_sim_fast.py) compares both models on the same realisation.
@@ -26,6 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from sim.chains import Program
+from sim.fast_pools import simulate_queued
 from sim.model import INF, NodeTimes, hold_ns, step_times
 
 
@@ -91,6 +95,9 @@ def simulate_nodes(program: Program, d: np.ndarray, *, concurrency: int | None =
         counter = np.zeros(b, dtype=np.int64)
     if n_lim == 0 and not closed:
         return step_times(program, d, submit, grant)
+    if program.queued_pools:
+        return simulate_queued(program, d, pre, hold, closed=closed, c=c, arrivals=arrivals,
+                               t0v=t0v)
 
     # Flat views: one integer index per (segment, node, pod) is cheaper than tuple indexing.
     bp = b * pods

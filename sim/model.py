@@ -1,9 +1,11 @@
 """Owns: the node model — the random realisation of step costs and the reference SimPy node.
 
 A node has cores and worker pools (FIFO, one `simpy.Resource` per contended limit) and runs
-pods through a `Program`.  Time is integer nanoseconds so that adding a run of step latencies
-at once gives exactly the same instant as adding them one by one — that is what lets the fast
-model (sim.fast) fold steps and still equal this reference bit for bit.
+pods through a `Program`.  A two-limit step requests its pool, then (still holding it) a core
+for its CPU part, so a handler waiting for a core keeps its worker busy.  Time is integer
+nanoseconds so that adding a run of step latencies at once gives exactly the same instant as
+adding them one by one — that is what lets the fast model (sim.fast) fold steps and still
+equal this reference bit for bit.
 
 The realisation (every step latency of every pod of a node) is drawn up front from a stream
 that depends only on (seed, chain, flavor, node, phase), never on event order, so the reference
@@ -67,6 +69,12 @@ def hold_ns(program: Program, d: np.ndarray, k: int) -> np.ndarray:
     return (d[k] * program.hold[k]).astype(np.int64)
 
 
+def core_hold_ns(program: Program, d: np.ndarray, k: int) -> np.ndarray:
+    """The part of two-limit step k's latency it holds a core (inside its pool's hold)."""
+    ch = program.core_hold[k] if program.core_hold else 0.0
+    return (d[k] * ch).astype(np.int64)
+
+
 @dataclass
 class NodeTimes:
     """When each pod was submitted and when each of its steps started and ended (ns).
@@ -124,17 +132,40 @@ def simulate_node_naive(program: Program, d: np.ndarray, *, concurrency: int | N
     """
     k, pods = d.shape
     h = np.stack([hold_ns(program, d, i) for i in range(k)]) if k else d.copy()
+    ch = np.stack([core_hold_ns(program, d, i) for i in range(k)]) if k else d.copy()
     env = simpy.Environment(initial_time=int(t0))
     res = [simpy.Resource(env, capacity=c) for c in program.capacities]
     submit = np.full(pods, INF, dtype=np.int64)
     start = np.full((k, pods), INF, dtype=np.int64)
     end = np.full((k, pods), INF, dtype=np.int64)
     lim = program.limit_index
+    two = [bool(program.core_hold) and program.core_hold[i] > 0 for i in range(k)]
+    cores = program.core_index
+    queued = program.queued_pools
 
     def step(p: int, i: int) -> Iterator[simpy.Event]:
         start[i, p] = env.now
         r = lim[i]
-        if r >= 0:
+        if r >= 0 and two[i]:
+            # A pool held for the step; inside it, a core for the CPU part.
+            with res[r].request() as req:
+                yield req
+                with res[cores].request() as creq:
+                    yield creq
+                    if ch[i, p]:
+                        yield env.timeout(int(ch[i, p]))
+                if h[i, p] - ch[i, p]:
+                    yield env.timeout(int(h[i, p] - ch[i, p]))
+            # One hop after the release, always: the waiter it hands the pool to asks for its
+            # core before this pod goes on (the fast model's order at equal instants).
+            yield env.timeout(int(d[i, p] - h[i, p]))
+        elif r >= 0 and r in queued:
+            with res[r].request() as req:
+                yield req
+                if h[i, p]:
+                    yield env.timeout(int(h[i, p]))
+            yield env.timeout(int(d[i, p] - h[i, p]))  # the same hop as above
+        elif r >= 0:
             with res[r].request() as req:
                 yield req
                 if h[i, p]:

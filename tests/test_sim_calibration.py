@@ -176,12 +176,88 @@ def test_cpu_accounting_puts_every_measured_step_on_the_cores(bench_dirs, tmp_pa
     assert lo[tc].limit == "cores" and lo[tc].hold == pytest.approx(0.02 / busy, rel=0.25)
     assert lo[tc].hold < 0.9
     assert lo[tc].hold == lo[ts].hold
-    # Engine bookkeeping burns CPU on the same cores (not on a private worker)
-    assert lo[(CALL_RUN_POD, "engine.prepare")].limit == "cores"
+    # Engine bookkeeping is counted but not queued on the cores: it keeps the engine's worker
+    prep = lo[(CALL_RUN_POD, "engine.prepare")]
+    assert prep.limit == "engine_workers" and prep.hold == 1.0 and prep.cores == 0.0
+    assert prep.cpu > 0
     # Shim teardown is not sampled (the shim is gone): it takes the start-phase share
     assert lo[(CALL_REMOVE_CONTAINER, "task.delete")].hold == pytest.approx(lo[tc].hold)
     # A daemon burning more than its steps last hands the excess to the phase's other steps,
     # down to the free ones once the CPU steps are full
     assert hi[tc].hold == pytest.approx(1.0)
-    assert hi[(CALL_RUN_POD, "cri.recv")].limit == "cores"
-    assert lo[(CALL_RUN_POD, "cri.recv")].limit is None
+    assert hi[(CALL_RUN_POD, "task.connect")].limit == "cores"
+    assert lo[(CALL_RUN_POD, "task.connect")].limit is None
+    # ... but never onto the engine's prompt bookkeeping, which only records its share
+    assert hi[(CALL_RUN_POD, "cri.recv")].limit is None
+    assert hi[(CALL_RUN_POD, "cri.recv")].cpu > lo[(CALL_RUN_POD, "cri.recv")].cpu
+
+
+def test_sandbox_api_calls_hold_a_sandboxer_worker_around_their_cpu(bench_dirs, tmp_path):
+    """With children's CPU recorded, a Sandbox API step keeps the sandboxer's worker for the
+    whole step and queues on the cores inside it for its measured share (two limits)."""
+    import shutil
+
+    import pandas as pd
+
+    seq, _ = bench_dirs
+    copy = tmp_path / "seq"
+    shutil.copytree(seq, copy)
+    cpu_file = copy / "sandbox" / "cpu.parquet"
+    cpu = pd.read_parquet(cpu_file)
+    cpu["cpu_children_s"] = [0.05 * 60 if r == "sandboxer" else 0.0 for r in cpu["role"]]
+    cpu.to_parquet(cpu_file, index=False)
+    model = calibrate([str(copy)]).model("sandbox", "runc")
+    steps = {(s.call, s.step): s for c in CALLS for s in model.steps(c)}
+    for key in ((CALL_RUN_POD, "sandbox.create"), (CALL_RUN_POD, "sandbox.start")):
+        s = steps[key]
+        assert s.limit == "sandboxer_workers" and s.hold == 1.0, key
+        assert 0 < s.cores <= 1.0 and s.cores == pytest.approx(s.cpu), key
+    # runc work of the sandboxer's Task API stays on the cores alone
+    tc = steps[("CreateContainer", "task.create")]
+    assert tc.limit == "cores" and tc.cores == 0.0
+    # and the file format carries the second limit
+    back = calibration.Calibration.from_json(json.loads(json.dumps(
+        calibrate([str(copy)]).to_json())))
+    assert back.model("sandbox", "runc").steps(CALL_RUN_POD) == model.steps(CALL_RUN_POD)
+
+
+def test_vm_boots_hold_their_slot_around_the_vmm_cpu(tmp_path):
+    """With the VMM's CPU measured, a boot keeps its boot slot for the whole step and queues on
+    the cores inside it (a TCG boot is CPU work of the VMM)."""
+    import pandas as pd
+
+    seq = _bench_like(tmp_path / "mvm", "microvm-seq", 5, pods=12)
+    for chain in ("shim", "sandbox"):
+        f = seq / chain / "cpu.parquet"
+        cpu = pd.read_parquet(f)
+        if "vmm" not in set(cpu["role"]):
+            cpu = pd.concat([cpu, pd.DataFrame([{"role": "vmm", "pid": 900 + i, "cpu_s": 0.3}
+                                                for i in range(12)])], ignore_index=True)
+        cpu["cpu_children_s"] = 0.0
+        cpu.to_parquet(f, index=False)
+    cal = calibrate([str(seq)])
+    for chain in ("shim", "sandbox"):
+        boot = next(s for s in cal.model(chain, "microvm", "restore").steps(CALL_RUN_POD)
+                    if s.step == "vm.restore")
+        assert boot.limit == "vmm_boots" and boot.hold == 1.0, chain
+        assert boot.cores > 0 and boot.cores == pytest.approx(boot.cpu), chain
+
+
+def test_nested_steps_are_not_counted_twice():
+    """A microVM's boot and agent.ready are traced inside the engine's task.create (shim
+    chain): the enclosing step keeps only its own time; the server side of the same step
+    (task.create in the shim) is not subtracted from its client side."""
+    import pandas as pd
+
+    ms = 1_000_000
+    rows = [("p", CALL_RUN_POD, "task.create", "engine", 0, 300),
+            ("p", CALL_RUN_POD, "vm.restore", "vmm", 50, 170),
+            ("p", CALL_RUN_POD, "agent.ready", "shim", 170, 260),
+            ("p", CALL_RUN_POD, "task.create", "shim", 270, 299),
+            ("p", CALL_RUN_POD, "task.start", "engine", 300, 360),
+            ("q", CALL_RUN_POD, "task.create", "engine", 0, 100)]
+    sp = pd.DataFrame(rows, columns=["pod", "call", "step", "component", "start_ns",
+                                     "end_ns"])
+    sp[["start_ns", "end_ns"]] *= ms
+    own = calibration._exclusive_ns(sp) // ms
+    assert own.tolist() == [300 - 210, 120, 90, 29, 60, 100]

@@ -110,3 +110,49 @@ def test_settings_reject_bad_values():
                        ({"cores": "many"}, "cores")):
         with pytest.raises(SettingsError, match=msg):
             parse_settings(table)
+
+
+def _step(**kw):
+    from sim.chains import Step
+
+    base = dict(call=CALL_RUN_POD, step="sandbox.start", component="sandboxer",
+                dist=Dist("const", value_s=0.01), limit="sandboxer_workers", hold=1.0)
+    return Step(**(base | kw))
+
+
+def test_two_limit_steps_validate_and_round_trip():
+    from sim.chains import ChainModel, Step
+
+    s = _step(cores=0.4)
+    assert Step.from_json(CALL_RUN_POD, json.loads(json.dumps(s.to_json()))) == s
+    assert "cores" not in _step().to_json()  # one-limit steps keep the old format
+    with pytest.raises(ChainError, match="needs a pool"):
+        _step(limit="cores", hold=0.5, cores=0.2)
+    with pytest.raises(ChainError, match="needs a pool"):
+        _step(limit=None, cores=0.2)
+    with pytest.raises(ChainError, match="cores must be in"):
+        _step(hold=0.3, cores=0.5)
+    m = ChainModel("sandbox", "runc", {CALL_RUN_POD: (s,)})
+    assert ChainModel.from_json("sandbox/runc", m.to_json()).steps(CALL_RUN_POD) == (s,)
+
+
+def test_two_limit_program_binds_both_limits_and_prunes_each():
+    from sim.chains import ChainModel
+
+    m = ChainModel("sandbox", "runc", {CALL_RUN_POD: (_step(cores=0.4),
+                                                      _step(step="sandbox.create"))})
+    both = build_program(m, [CALL_RUN_POD], {"cores": 2, "sandboxer_workers": 1}, 10)
+    assert both.limits == ("cores", "sandboxer_workers")
+    assert both.limit_index == (1, 1) and both.core_hold == (0.4, 0.0)
+    assert both.queued_pools == frozenset({1}) and both.two_limit
+    # a pool that can never be short leaves only the time on the cores contended
+    cores_only = build_program(m, [CALL_RUN_POD], {"cores": 2, "sandboxer_workers": 64}, 10)
+    assert cores_only.limits == ("cores",)
+    assert cores_only.limit_index == (0, -1) and cores_only.hold[0] == 0.4
+    assert not cores_only.two_limit
+    # enough cores: the pool alone, held for the whole step
+    pool_only = build_program(m, [CALL_RUN_POD], {"cores": 64, "sandboxer_workers": 1}, 10)
+    assert pool_only.limits == ("sandboxer_workers",) and not pool_only.two_limit
+    assert pool_only.hold == (1.0, 1.0)
+    with pytest.raises(ChainError, match="capacity"):
+        build_program(m, [CALL_RUN_POD], {"sandboxer_workers": 1}, 10)

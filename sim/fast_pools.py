@@ -1,0 +1,231 @@
+"""Owns: the fast node model for programs with two-limit steps (a pool held around a core).
+
+sim.fast serves every limit as a FIFO multi-server queue whose holder's hold is known when it
+is granted (Kiefer-Wolfowitz: grant = max(request, earliest free server)).  A two-limit step
+breaks that for its pool: the holder keeps its worker while it waits for a core, so when the
+pool is granted nobody knows yet when it will be free.  Such pools ("queued pools") are run
+here as real queues — a count of busy workers and a FIFO of waiting pods per node — with the
+release as an event; the cores (and any pool no two-limit step uses) keep the recursion.
+
+A pod of a node is in one of three phases at its stage j (its j-th contended step):
+0 asks for the stage's limit, 1 asks for a core (pool granted), 2 releases its queued pool.
+Each iteration serves every node's earliest event, as sim.fast does.  When a release hands
+the pool to a waiter, the waiter asks for its core at once, before the releasing pod goes on:
+the reference SimPy model (sim.model) orders those two the same way.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from sim.chains import Program
+from sim.model import INF, NodeTimes, core_hold_ns, step_times
+
+KW, POOL, POOL_CORE = 0, 1, 2  # stage kinds
+ASK, CORE, RELEASE = 0, 1, 2  # phases
+
+
+def simulate_queued(program: Program, d: np.ndarray, pre: np.ndarray, hold: np.ndarray, *,
+                    closed: bool, c: int, arrivals: np.ndarray | None,
+                    t0v: np.ndarray) -> NodeTimes:
+    """Like sim.fast.simulate_nodes (same arguments after its set-up), for queued pools."""
+    _, b, pods = d.shape
+    lim = program.limited
+    n_lim = len(lim)
+    queued = program.queued_pools
+    res_of = np.asarray([program.limit_index[k] for k in lim], dtype=np.int64)
+    kind = np.asarray([(POOL_CORE if program.core_hold[k] > 0 else POOL)
+                       if program.limit_index[k] in queued else KW for k in lim],
+                      dtype=np.int64)
+    chold = np.zeros((n_lim,) + d.shape[1:], dtype=np.int64)
+    for j, k in enumerate(lim):
+        if kind[j] == POOL_CORE:
+            chold[j] = core_hold_ns(program, d, k)
+    core = program.core_index
+    n_res = len(program.capacities)
+    caps = np.asarray(program.capacities, dtype=np.int64)
+    cmax = max(program.capacities)
+
+    submit = np.full((b, pods), INF, dtype=np.int64)
+    grant = np.empty((n_lim, b, pods), dtype=np.int64)
+    t_next = np.full((b, pods), INF, dtype=np.int64)
+    seg = np.zeros((b, pods), dtype=np.int64)
+    phase = np.zeros((b, pods), dtype=np.int64)
+    if closed:
+        submit[:, :c] = t0v[:, None]
+        t_next[:, :c] = t0v[:, None] + pre[0, :, :c]
+        counter = np.full(b, c, dtype=np.int64)
+    else:
+        arr = np.asarray(arrivals, dtype=np.int64)
+        live = arr < INF
+        submit[live] = arr[live]
+        t_next[live] = arr[live] + pre[0][live]
+        counter = np.zeros(b, dtype=np.int64)
+
+    bp = b * pods
+    hold_f, pre_f, chold_f = hold.reshape(-1), pre.reshape(-1), chold.reshape(-1)
+    grant_f, t_f = grant.reshape(-1), t_next.reshape(-1)
+    seg_f, ph_f = seg.reshape(-1), phase.reshape(-1)
+    # Recursion state of the non-queued limits (cores among them): per server, when free.
+    free = np.full((b, n_res, cmax), INF, dtype=np.int64)
+    for r, cap in enumerate(program.capacities):
+        free[:, r, :cap] = 0
+    free_f = free.reshape(-1)
+    ar_c = np.arange(cmax, dtype=np.int64)
+    # Queued pools: busy workers and a ring of waiting pods per (node, pool).
+    busy = np.zeros(b * n_res, dtype=np.int64)
+    ring = np.zeros(b * n_res * pods, dtype=np.int64)
+    head = np.zeros(b * n_res, dtype=np.int64)
+    tail = np.zeros(b * n_res, dtype=np.int64)
+    rows_all = np.arange(b, dtype=np.int64)
+    row_base = rows_all * pods
+
+    ar_rows = np.arange(b, dtype=np.int64)
+    core_of = np.full(b, core, dtype=np.int64)
+    if not closed:
+        # Open loop: the tail after the last hold needs no event; INF + an instant < 2**63.
+        pre_f[n_lim * bp:] = INF
+
+    def recursion(rows: np.ndarray, r: np.ndarray, t: np.ndarray,
+                  h: np.ndarray) -> np.ndarray:
+        """Grant instants for requests at t on non-queued limits r holding h; books them."""
+        base = (rows * n_res + r) * cmax
+        if cmax == 1:
+            g = np.maximum(t, free_f[base])
+            free_f[base] = g + h
+            return g
+        cand = free_f[base[:, None] + ar_c]
+        s = cand.argmin(axis=1)
+        g = np.maximum(t, cand[ar_rows[:rows.size], s])
+        free_f[base + s] = g + h
+        return g
+
+    def ask_core(rows: np.ndarray, fp: np.ndarray, j: np.ndarray, t: np.ndarray) -> None:
+        fj = j * bp + fp
+        g = recursion(rows, core_of[:rows.size], t, chold_f[fj])
+        grant_f[fj] = g
+        t_f[fp] = g + hold_f[fj]
+        ph_f[fp] = RELEASE
+
+    def move_on(fp: np.ndarray, j: np.ndarray, t_end: np.ndarray) -> None:
+        """The pod's hold of stage j ended at t_end: on to its next request (or its end)."""
+        j1 = j + 1
+        t_f[fp] = t_end + pre_f[j1 * bp + fp]
+        seg_f[fp] = j1
+        ph_f[fp] = ASK
+
+    # Event code = phase * 3 + stage kind: 0 ask (recursion), 1-2 ask a queued pool (without /
+    # with a core), 5 ask the core, 7-8 release.  One sort per iteration groups the nodes.
+    while True:
+        idx = t_next.argmin(axis=1)
+        rows = rows_all
+        fp = row_base + idx
+        t = t_f[fp]
+        if t.max() >= INF:
+            act = t < INF
+            if not act.any():
+                break
+            rows, idx, fp, t = rows[act], idx[act], fp[act], t[act]
+        j = seg_f[fp]
+        if closed:
+            is_req = j < n_lim
+            if not is_req.all():
+                _finish(~is_req, rows, idx, t, t_next, submit, seg, phase, pre, counter, pods)
+                rows, idx, fp, t, j = rows[is_req], idx[is_req], fp[is_req], t[is_req], j[is_req]
+                if rows.size == 0:
+                    continue
+        code = ph_f[fp] * 3 + kind[j]
+        cnt = np.bincount(code, minlength=9).tolist()
+        if cnt[0] == rows.size:  # only recursion asks: the common case, no sort
+            fj = j * bp + fp
+            g = recursion(rows, res_of[j], t, hold_f[fj])
+            grant_f[fj] = g
+            move_on(fp, j, g + hold_f[fj])
+            continue
+        order = code.argsort(kind="stable")
+        rows, idx, fp, t, j = rows[order], idx[order], fp[order], t[order], j[order]
+        a = cnt[0]
+        b1 = a + cnt[1]
+        b2 = b1 + cnt[2]
+        c0 = b2 + cnt[3] + cnt[4]
+        c1 = c0 + cnt[5]
+        r0 = c1 + cnt[6]
+        r1 = r0 + cnt[7]
+        r2 = r1 + cnt[8]
+        core_rows: list[tuple[np.ndarray, ...]] = []
+
+        if a:
+            rr, ff, jj, tt = rows[:a], fp[:a], j[:a], t[:a]
+            fj = jj * bp + ff
+            g = recursion(rr, res_of[jj], tt, hold_f[fj])
+            grant_f[fj] = g
+            move_on(ff, jj, g + hold_f[fj])
+
+        if b2 > a:
+            rr, ff, jj, tt, ii = rows[a:b2], fp[a:b2], j[a:b2], t[a:b2], idx[a:b2]
+            rq = res_of[jj]
+            q = rr * n_res + rq
+            ok = busy[q] < caps[rq]
+            busy[q[ok]] += 1
+            one = ok.copy()
+            one[b1 - a:] = False  # sorted: pool-only asks first, then pool-and-core asks
+            two = ok ^ one
+            if two.any():
+                core_rows.append((rr[two], ff[two], jj[two], tt[two]))
+            if one.any():
+                fo, to = ff[one], tt[one]
+                fj = jj[one] * bp + fo
+                grant_f[fj] = to
+                t_f[fo] = to + hold_f[fj]
+                ph_f[fo] = RELEASE
+            wait = ~ok
+            if wait.any():
+                qw = q[wait]
+                ring[qw * pods + tail[qw] % pods] = ii[wait]
+                tail[qw] += 1
+                t_f[ff[wait]] = INF
+
+        if r2 > r0:
+            rr, ff, jj, tt = rows[r0:r2], fp[r0:r2], j[r0:r2], t[r0:r2]
+            q = rr * n_res + res_of[jj]
+            has = head[q] < tail[q]
+            busy[q[~has]] -= 1
+            if has.any():
+                qh = q[has]
+                w = ring[qh * pods + head[qh] % pods]
+                head[qh] += 1
+                wr, wt = rr[has], tt[has]
+                wf = wr * pods + w
+                wj = seg_f[wf]
+                two = kind[wj] == POOL_CORE
+                if two.any():
+                    core_rows.append((wr[two], wf[two], wj[two], wt[two]))
+                one = ~two
+                if one.any():
+                    fj = wj[one] * bp + wf[one]
+                    grant_f[fj] = wt[one]
+                    t_f[wf[one]] = wt[one] + hold_f[fj]
+                    ph_f[wf[one]] = RELEASE
+            move_on(ff, jj, tt)
+
+        if c1 > c0:
+            core_rows.append((rows[c0:c1], fp[c0:c1], j[c0:c1], t[c0:c1]))
+        for rr, ff, jj, tt in core_rows:
+            ask_core(rr, ff, jj, tt)
+    return step_times(program, d, submit, grant)
+
+
+def _finish(dn: np.ndarray, rows: np.ndarray, idx: np.ndarray, t: np.ndarray,
+            t_next: np.ndarray, submit: np.ndarray, seg: np.ndarray, phase: np.ndarray,
+            pre: np.ndarray, counter: np.ndarray, pods: int) -> None:
+    """A pod finished (closed loop): its worker submits the node's next pod at that instant."""
+    r, p, tt = rows[dn], idx[dn], t[dn]
+    t_next[r, p] = INF
+    k = counter[r]
+    more = k < pods
+    r, k, tt = r[more], k[more], tt[more]
+    if r.size:
+        submit[r, k] = tt
+        t_next[r, k] = tt + pre[0, r, k]
+        seg[r, k] = 0
+        phase[r, k] = ASK
+        counter[r] += 1
