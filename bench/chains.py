@@ -297,6 +297,8 @@ class EngineChain(Chain):
     schema: str = "current"
     flavor: str = "runc"
     boot: str = "restore"  # microvm flavor: restore | cold
+    vm_pool: int = 0  # microvm sandbox chain: VMs kept ready (0: the sandboxer's env default)
+    vm_pool_mode: str = "spawned"
     engine: asyncio.subprocess.Process | None = None
     sandboxer: asyncio.subprocess.Process | None = None
     _logs: list[object] = field(default_factory=list)
@@ -379,6 +381,8 @@ class EngineChain(Chain):
             sdir = self.base / SANDBOXER_SUBDIR
             sdir.mkdir(exist_ok=True)
             vm = ["--backend", "vm", "--vm-boot", self.boot] if self.flavor == "microvm" else []
+            if vm and self.vm_pool:
+                vm += ["--vm-pool", str(self.vm_pool), "--vm-pool-mode", self.vm_pool_mode]
             self.sandboxer = await self.registry.spawn(
                 *py, "sandboxer", "--listen", str(self.sandboxer_socket), "--dir", str(sdir),
                 "--schema", self.schema, "--trace-dir", str(self.trace_dir), *vm,
@@ -442,7 +446,8 @@ def lane_dir(name: str, variant_index: int | None) -> str:
 def make_chain(name: str, run_base: Path, run_id: str, *, schema: str = "current",
                flavor: str = "runc", registry: ProcessRegistry | None = None,
                variant_index: int | None = None, code_tree: Path | None = None,
-               extra_env: dict[str, str] | None = None, boot: str = "restore") -> Chain:
+               extra_env: dict[str, str] | None = None, boot: str = "restore",
+               vm_pool: int = 0, vm_pool_mode: str = "spawned") -> Chain:
     """One chain's processes; with `variant_index` a lane of an A/B session whose daemons run
     `code_tree` with `extra_env` (the shim, runc and containerd are system binaries)."""
     reg = registry or default_registry()
@@ -456,7 +461,7 @@ def make_chain(name: str, run_base: Path, run_id: str, *, schema: str = "current
     if name in ("shim", "sandbox"):
         return EngineChain(name=name, base=base, cgroup_parent=cg, registry=reg, handler=name,
                            schema=schema, flavor=flavor, code_tree=code_tree, extra_env=env,
-                           boot=boot)
+                           boot=boot, vm_pool=vm_pool, vm_pool_mode=vm_pool_mode)
     raise ValueError(f"unknown chain {name!r}")
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import math
+import os
 import secrets
 import signal
 import sys
@@ -90,6 +91,11 @@ class ChainLoad:
     cpu_start: dict[int, float] = field(default_factory=dict)
     cpu_children_start: dict[int, float] = field(default_factory=dict)
     cpu_rows: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # CPU seconds the driver itself (CRI client: request encoding, gRPC, tracing) burned during
+    # this lane's ramp blocks.  It shares the node's cores with the chain, so calibration
+    # needs its size (sim.calibration.CLIENT_ROLE); lanes' blocks never overlap, so the
+    # process-wide clock splits exactly by lane.
+    client_cpu_s: float = 0.0
     spans: list[dict[str, Any]] = field(default_factory=list)
     forced: list[str] = field(default_factory=list)
 
@@ -132,6 +138,7 @@ class Bench:
         for variant, name in self.o.lanes():
             chain = make_chain(name, self.run_base, self.run_id, schema=self.o.schema,
                                flavor=self.sc.flavor, boot=self.sc.boot,
+                               vm_pool=self.sc.vm_pool, vm_pool_mode=self.sc.vm_pool_mode,
                                variant_index=None if variant is None else vidx[variant.name],
                                code_tree=None if variant is None else variant.tree,
                                extra_env=None if variant is None else variant.env)
@@ -204,10 +211,13 @@ class Bench:
                 await (self.stop_pod(ld, r) if stop else self.start_pod(ld, r))
 
         ld._block_start = _now()
+        cpu0 = time.process_time()
         try:
             await asyncio.gather(*(one(r) for r in recs))
         finally:
             ld.active_ns += _now() - ld._block_start
+            if not stop:
+                ld.client_cpu_s += time.process_time() - cpu0
 
     def blocks(self) -> list[tuple[list[int], bool]]:
         """(pod indices, sample memory after it) — blocks never cross a memory point."""
@@ -334,6 +344,16 @@ class Bench:
             rows.append(s)
         return rows
 
+    def _pool_meta(self, ld: ChainLoad) -> dict[str, Any]:
+        """The sandboxer's VM pool as this lane ran it (the scenario's, else its env's)."""
+        if self.sc.flavor != "microvm" or ld.chain.name != "sandbox":
+            return {}
+        env = {**os.environ, **(ld.variant.env if ld.variant else {})}
+        size = self.sc.vm_pool or int(env.get("CHAINBENCH_VM_POOL") or 0)
+        mode = (self.sc.vm_pool_mode if self.sc.vm_pool
+                else env.get("CHAINBENCH_VM_POOL_MODE") or "spawned")
+        return {"vm_pool": size, "vm_pool_mode": mode if size else ""}
+
     def write(self, traced: dict[str, list[dict[str, Any]]]) -> None:
         versions = tool_versions()
         host = HostFacts.collect(accel=accel_mode() if self.sc.flavor == "microvm" else "",
@@ -358,12 +378,20 @@ class Bench:
                        "stop_timeout_s": self.o.stop_timeout_s,
                        "schema": self.o.schema if name == "sandbox" else "",
                        "boot": self.sc.boot if self.sc.flavor == "microvm" else "",
+                       **self._pool_meta(ld),
                        "interrupted": self.interrupted, "forced_cleanup": ld.forced,
                        "run_forced_cleanup": self.forced, "leftovers": self.leftovers},
             )
             write_run(self.o.lane_out(v, name), meta, pods=self.pod_rows(ld),
                       spans=self.span_rows(ld, traced.get(ld.lane, [])), memory=ld.memory,
-                      cpu=list(ld.cpu_rows.values()))
+                      cpu=list(ld.cpu_rows.values()) + [self.client_cpu_row(ld)])
+
+    @staticmethod
+    def client_cpu_row(ld: ChainLoad) -> dict[str, Any]:
+        """The driver's own CPU in the lane's ramp (role "client"; start phase like per-pod
+        processes).  process_time() is ns-precise, unlike /proc ticks: no truncation to undo."""
+        return {"role": "client", "pid": os.getpid(), "cpu_s": round(ld.client_cpu_s, 6),
+                "cpu_children_s": 0.0}
 
 
 async def _stop_all(b: Bench) -> dict[str, list[dict[str, Any]]]:

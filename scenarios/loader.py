@@ -42,6 +42,11 @@ class Scenario:
     # Seconds each pod stays up after its containers start (0 = until the whole ramp is done).
     lifetime_s: float = 0.0
     boot: str = "restore"  # microvm flavor: restore | cold
+    # microvm flavor, sandbox chain: VMs the sandboxer keeps ready ahead of Start (0 = none).
+    # "spawned": QEMU started and waiting for the snapshot (the restore stays on the pod's
+    # path); "restored": already restored and warm (Kata's VM cache: Start is one round trip).
+    vm_pool: int = 0
+    vm_pool_mode: str = "spawned"
     schema: str = "current"  # Sandbox API schema the sandbox chain uses: legacy | current
     container: ContainerSpec = field(default_factory=ContainerSpec)
     description: str = ""
@@ -58,7 +63,7 @@ class Scenario:
 
 
 _KNOWN = {"name", "flavor", "chains", "pods", "concurrency", "containers_per_pod", "warmup_pods",
-          "memory_at", "lifetime_s", "boot", "schema", "container", "description", "sim"}
+          "memory_at", "lifetime_s", "boot", "vm_pool", "vm_pool_mode", "schema", "container", "description", "sim"}
 
 
 def parse_scenario(text: str, path: str = "<string>") -> Scenario:
@@ -88,6 +93,10 @@ def parse_scenario(text: str, path: str = "<string>") -> Scenario:
     boot = data.get("boot", "restore")
     if boot not in ("restore", "cold"):
         raise ScenarioError(f"{path}: boot must be 'restore' or 'cold', got {boot!r}")
+    vm_pool_mode = data.get("vm_pool_mode", "spawned")
+    if vm_pool_mode not in ("spawned", "restored"):
+        raise ScenarioError(f"{path}: vm_pool_mode must be 'spawned' or 'restored', "
+                            f"got {vm_pool_mode!r}")
     schema = data.get("schema", "current")
     if schema not in ("legacy", "current"):
         raise ScenarioError(f"{path}: schema must be 'legacy' or 'current', got {schema!r}")
@@ -118,6 +127,8 @@ def parse_scenario(text: str, path: str = "<string>") -> Scenario:
         memory_at=tuple(sorted(set(memory_at))),
         lifetime_s=float(lifetime),
         boot=boot,
+        vm_pool=_int("vm_pool", 0, 0),
+        vm_pool_mode=vm_pool_mode,
         schema=schema,
         container=ContainerSpec(command=command, image=str(c.get("image", "busybox"))),
         description=str(data.get("description", "")),

@@ -12,9 +12,10 @@ CPU: every process of the testbed (engine, shims, runc, sandboxer, VMMs) shares 
 cores, so with complete accounting (bench's `cpu_children_s`, which holds runc) each step that
 does CPU work queues on `cores` for its CPU share (see `_cpu_fit`): the share is the CPU
 seconds per pod of the step's role in that phase over the per-pod time of the role's steps.
-Steps of a held pool (Sandbox API calls on the sandboxer's workers, VM boots on boot slots)
-keep their pool for the whole step and queue on the cores inside it (two limits); the
-engine's own short bookkeeping (PROMPT_STEPS) records its share but is not queued on the
+Steps of a held pool (the engine's bookkeeping on its one asyncio loop, Sandbox API calls on
+the sandboxer's, VM boots on boot slots) keep their pool for the whole step and queue on the
+cores inside it (two limits); the CRI framing steps (PROMPT_STEPS: the request's and reply's
+transport, which also carry the client's time) record their share but are not queued on the
 cores.  Without children's CPU the chain's limits and holds stay (the share of fork/exec
 steps is unknown).
 Chains the bench runs do not cover keep their prior values and say so in their own
@@ -225,6 +226,17 @@ def _step_samples(spans: pd.DataFrame, pods: pd.DataFrame, containers: int
 # (start-up, ramp and teardown together).  Per-pod processes (shims, pause, containers) are read
 # at the end of the ramp, so their CPU covers the start phase only.
 DAEMON_ROLES = frozenset({"engine", "sandboxer", "containerd"})
+# The load driver's own CPU during the chain's ramp (bench.loaddriver, role "client"; absent in
+# older runs).  Read with process_time(), so no tick truncation to hand back.  It is kept out
+# of the fit (no step has the client's component) and not queued on the cores: measured at
+# ~1 ms per CRI call (2.4-3.6 ms per pod, 3-4% of a pod's CPU), it does not explain the shim
+# chain's throughput error, and like the CRI framing it is a short wake-up — the FIFO
+# cores would make it wait behind runc's bursts, which c10 spans contradict (engine.prepare
+# 3.8 -> 5.4 ms from seq to c10 while task.create goes 40 -> 107 ms); queued FIFO on them
+# (trial on bc88012's rules, v-seq -> v-c10) it made both chains' p95 worse (shim 16 -> 27%,
+# sandbox 16 -> 20%).
+CLIENT_ROLE = "client"
+PRECISE_ROLES = DAEMON_ROLES | {CLIENT_ROLE}
 CLK_TCK = 100  # USER_HZ of /proc/PID/stat on Linux (fixed ABI, whatever the kernel's HZ)
 START_CALLS = frozenset({CALL_RUN_POD, CALL_CREATE_CONTAINER, CALL_START_CONTAINER})
 # A step whose limit is a worker pool or the cores does CPU work in one of the node's processes;
@@ -234,12 +246,23 @@ CPU_LIMITS = frozenset({"cores", "engine_workers", "sandboxer_workers", "vmm_boo
 # for their measured CPU part (see chains.Step.cores): the sandboxer serves Sandbox API calls
 # one at a time, and a call that waits for a core keeps every call behind it waiting; a VM
 # boot (TCG: the VMM's CPU work) keeps its boot slot while it waits for cores.
-HELD_POOLS = frozenset({"sandboxer_workers", "vmm_boots"})
-# The engine's own bookkeeping: sub-millisecond to a few ms of work on one asyncio loop that
-# sleeps between requests.  The kernel runs such a short wake-up within its scheduling slice
-# (EEVDF base slice: 0.75 ms x (1 + log2 cores)) instead of behind runc's tens-of-ms bursts,
-# so these steps are not queued on the cores (prepare and commit keep the engine's worker).
-PROMPT_STEPS = frozenset({"cri.recv", "engine.prepare", "engine.commit", "cri.reply"})
+#
+# The engine is one Python process with one asyncio loop (engine_workers = 1 in the node
+# facts): engine.prepare / engine.commit run on it, so they are held-pool steps too.  Why on the
+# cores at all: sequential runs put the engine's CPU above the time of its own spans (on this
+# machine every engine step comes out CPU-bound, share 1.0), and that CPU takes core time
+# from the shims and runc whatever the kernel's wake-up order; left off the cores (bc88012's
+# rule) the model misses ~10 ms of core time per pod and over-predicts shim throughput at c10
+# by 15%.  Why keep the loop while waiting for a core: a handler that is not running holds up
+# every coroutine behind it, exactly as the sandboxer's loop does (the alternative, engine
+# steps on the cores alone, loses the loop's serialisation and puts the sandbox chain's p50
+# 30% high).
+HELD_POOLS = frozenset({"engine_workers", "sandboxer_workers", "vmm_boots"})
+# The CRI request's arrival and the reply: framing done by gRPC's own threads plus (cri.recv)
+# the client-observed transport time of the call, which includes the load driver's work.  Not
+# the engine loop's work, and a short wake-up that the kernel runs within its slice rather
+# than behind runc's tens-of-ms bursts: their share is recorded, not queued on the cores.
+PROMPT_STEPS = frozenset({"cri.recv", "cri.reply"})
 
 
 @dataclass(frozen=True)
@@ -289,7 +312,7 @@ def _cpu_fit(run: Any, base: ChainModel,
         # low per field.  Summed over a daemon it is noise; over one shim per pod it is a
         # fifth of the pod's CPU, so per-pod processes get the expected truncation back.
         fields = 4 if children else 2
-        per_pod_proc = ~run.cpu["role"].isin(DAEMON_ROLES)
+        per_pod_proc = ~run.cpu["role"].isin(PRECISE_ROLES)
         tot = tot + per_pod_proc * (fields * 0.5 / CLK_TCK)
         cpu = tot.groupby(run.cpu["role"]).sum()
     n_pods = max(len(run.pods), 1)
@@ -408,12 +431,13 @@ def fit_chain(run: Any, base: ChainModel, kind: str = "auto") -> ChainModel:
             measured = fit.fraction.get((call, step)) if fit.with_children else None
             cores = 0.0
             if measured is not None and comp == "engine" and step in PROMPT_STEPS:
-                # The engine's own bookkeeping keeps the chain's shape (its worker, or none):
-                # its CPU is counted, but it does not queue behind other processes' bursts.
+                # CRI framing keeps the chain's shape (no limit): its CPU is counted, but it
+                # does not queue behind other processes' bursts.
                 frac, hold = measured, 1.0
             elif measured is not None and lim in HELD_POOLS:
-                # A request handler of a pool: it keeps its worker while it waits for a core
-                # and runs its CPU part on one (every process of the testbed shares the cores).
+                # A request handler of a pool (the engine's or the sandboxer's loop, a boot
+                # slot): it keeps its worker while it waits for a core and runs its CPU part on
+                # one (every process of the testbed shares the cores).
                 frac, hold, cores = measured, 1.0, measured
             elif measured is not None:
                 # Every process of the testbed shares the node's cores: a step that burns

@@ -8,7 +8,11 @@ for one run (`--set cores=8 --set nodes=100`).
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
+import pickle
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -39,8 +43,11 @@ def settings_for(scenario: Scenario, overrides: dict[str, Any] | None = None) ->
 
 def simulate_scenario(scenario: Scenario, settings: SimSettings, out: str | Path,
                       cal: Calibration | None = None, chains: list[str] | None = None,
-                      progress: Any = stderr_progress) -> list[Path]:
-    """Simulate every modelled chain of `scenario`; returns the run directories written."""
+                      progress: Any = stderr_progress, parallel: bool = False) -> list[Path]:
+    """Simulate every modelled chain of `scenario`; returns the run directories written.
+
+    `parallel`: a large run may simulate its chains in one process each (the command line
+    asks for it; library callers such as sweeps, which parallelise runs already, do not)."""
     cal = cal or load_calibration(settings.calibration or None)
     wanted = chains or modelled_chains(scenario, cal)
     skipped = [c for c in scenario.chains if c not in wanted]
@@ -49,15 +56,45 @@ def simulate_scenario(scenario: Scenario, settings: SimSettings, out: str | Path
     if not wanted:
         raise SimulationError(f"the calibration models none of the chains {list(scenario.chains)}"
                               f" for flavor {scenario.flavor}")
-    paths = []
-    for chain in wanted:
-        run = simulate_chain(scenario, settings, cal, chain, progress)
-        paths.append(write_chain_run(
-            Path(out) / chain, scenario=scenario, chain=chain, flavor=scenario.flavor,
-            pods=run.pods, spans=run.spans, memory=run.memory, cpu=run.cpu, extra=run.extra,
-            total_pods=run.total_pods, histograms=run.histograms, ledger=run.ledger,
-            accel=str(cal.host.get("accel", "")) if scenario.flavor == "microvm" else ""))
-    return paths
+    args = [(scenario, settings, cal, chain, Path(out), progress) for chain in wanted]
+    workers = _chain_workers(scenario, settings, args) if parallel else 1
+    if workers <= 1:
+        return [_simulate_one(*a) for a in args]
+    # Chains of a scenario are independent models with their own random streams (keyed by
+    # chain), so running them side by side gives the same runs as one after the other.  Fork:
+    # the parent has started no threads yet (no Parquet written), and children need no import.
+    with ProcessPoolExecutor(max_workers=workers,
+                             mp_context=multiprocessing.get_context("fork")) as ex:
+        return [f.result() for f in [ex.submit(_simulate_one, *a) for a in args]]
+
+
+# A large multi-chain run (cluster-1m: 2 x 1,000,000 pods) runs one process per chain when the
+# machine has the cores: each chain's model is single-threaded numpy.  Below this many pods a
+# process costs more than it saves.
+PARALLEL_MIN_PODS = 200_000
+
+
+def _chain_workers(scenario: Scenario, settings: SimSettings, args: list[tuple]) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    if (len(args) < 2 or cores < 2 or settings.engine != "fast" or sys.platform != "linux"
+            or scenario.pods * settings.nodes < PARALLEL_MIN_PODS
+            or multiprocessing.current_process().daemon):  # daemons may not have children
+        return 1
+    try:
+        pickle.dumps(args)  # a test's progress lambda cannot cross processes: run serially
+    except (pickle.PicklingError, AttributeError, TypeError):
+        return 1
+    return min(len(args), cores)
+
+
+def _simulate_one(scenario: Scenario, settings: SimSettings, cal: Calibration, chain: str,
+                  out: Path, progress: Any) -> Path:
+    run = simulate_chain(scenario, settings, cal, chain, progress)
+    return write_chain_run(
+        out / chain, scenario=scenario, chain=chain, flavor=scenario.flavor,
+        pods=run.pods, spans=run.spans, memory=run.memory, cpu=run.cpu, extra=run.extra,
+        total_pods=run.total_pods, histograms=run.histograms, ledger=run.ledger,
+        accel=str(cal.host.get("accel", "")) if scenario.flavor == "microvm" else "")
 
 
 def main(argv: list[str]) -> int:
@@ -92,7 +129,7 @@ def main(argv: list[str]) -> int:
                                       f"{list(scenario.chains)}")
             scenario = replace(scenario, chains=tuple(ns.chain))
         paths = simulate_scenario(scenario, settings, ns.out, chains=ns.chain,
-                                  progress=None if ns.quiet else stderr_progress)
+                                  progress=None if ns.quiet else stderr_progress, parallel=True)
     except INPUT_ERRORS as exc:
         print(f"chainbench simulate: {exc}", file=sys.stderr)
         return 2

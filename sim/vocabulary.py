@@ -76,6 +76,8 @@ ROLES: tuple[str, ...] = (
     "agent",
     "containerd",
     "container",
+    # The load driver (CRI client) itself: its CPU shares the node's cores with the chain.
+    "client",
 )
 # The management plane a chain adds per pod (DESIGN §4): shims, pause processes and the
 # sandboxer's growth.  The engine (or containerd daemon) is common to a chain and excluded.

@@ -28,10 +28,20 @@ def test_shipped_scenarios_load():
     ("name='x'\nbogus=1", "unknown keys"),
     ("name='x'\nmemory_at=[99]\npods=3", "memory_at"),
     ("name = ", "invalid TOML"),
+    ("name='x'\nvm_pool=-1", "vm_pool must be an integer >= 0"),
+    ("name='x'\nvm_pool_mode='warm'", "vm_pool_mode must be"),
 ])
 def test_scenario_errors(text, msg):
     with pytest.raises(ScenarioError, match=msg):
         parse_scenario(text)
+
+
+def test_vm_pool_keys():
+    assert load_scenario("runc-seq").vm_pool == 0
+    cache = load_scenario("microvm-seq-vmcache")
+    assert (cache.vm_pool, cache.vm_pool_mode) == (2, "restored")
+    sc = parse_scenario("name='x'\nflavor='microvm'\nvm_pool=3")
+    assert (sc.vm_pool, sc.vm_pool_mode) == (3, "spawned")
 
 
 def test_unknown_scenario_lists_shipped():

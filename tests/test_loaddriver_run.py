@@ -43,6 +43,10 @@ def _check_run(out: Path, chain: str, pods: int) -> dict:
     assert (top["role"] == "pause").sum() in (0, pods)
     assert (top[["rss", "pss", "uss"]] > 0).all().all()
     assert not run.cpu.empty and (run.cpu["cpu_s"] >= 0).all()
+    # the driver's own CPU in this lane's ramp: one precise row (the model's client share)
+    client_cpu = run.cpu[run.cpu["role"] == "client"]
+    assert len(client_cpu) == 1 and client_cpu["cpu_s"].iloc[0] > 0
+    assert client_cpu["pid"].iloc[0] == os.getpid()
     assert run.meta.extra["leftovers"] == []
     rid = run.meta.extra["run_id"]
     assert run_leftovers(RUN_ROOT / rid, rid) == []

@@ -204,3 +204,74 @@ def test_restart_kills_a_vm_left_by_a_start_cut_short(tmp_path, leak_check, snap
             stray.kill()
             stray.wait()
         s.teardown()
+
+
+def _pool_vmms(pool_dir: Path) -> dict[int, str]:
+    """pid -> slot of every QEMU running from a pool slot below `pool_dir`."""
+    from bench import processes
+    out = {}
+    for p in processes.find_processes(cmdline_contains=[f"{pool_dir}/"]):
+        if any(a.startswith("socket,id=c0,path=") for a in p.cmdline):
+            sock = next(a for a in p.cmdline if a.startswith("socket,id=c0,path="))
+            out[p.pid] = str(Path(sock.split("path=")[1].split(",")[0]).parent)
+    return out
+
+
+@pytest.mark.timeout(600)
+def test_vm_pool_serves_a_start_and_a_killed_sandboxers_pool_is_swept(tmp_path, leak_check,
+                                                                       snapshot, monkeypatch):
+    """The sandboxer keeps QEMUs prespawned; Start takes one (the address is the sandbox's own
+    socket, a symlink to the pooled VM's).  After a SIGKILL the claimed VM is recovered and the
+    unclaimed ones are killed by the next sandboxer; a SIGTERM leaves no pool VM behind."""
+    s = _sandboxer(tmp_path, leak_check, "current", "restore")
+    pool_dir = s.dir / ".vmpool"  # the sandboxer keeps its pool below its --dir
+    monkeypatch.setenv("CHAINBENCH_VM_POOL", "2")
+    sid = f"vm-{uuid.uuid4().hex[:8]}"
+
+    async def until(pred, timeout: float = 60.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not pred():
+            assert asyncio.get_running_loop().time() < deadline, "not in time"
+            await asyncio.sleep(0.1)
+
+    def ready() -> dict[int, str]:
+        return {pid: slot for pid, slot in _pool_vmms(pool_dir).items()
+                if (Path(slot) / "ready").exists()}
+
+    async def start_one() -> int:
+        await until(lambda: len(ready()) == 2)
+        pooled = ready()
+        async with grpc.aio.insecure_channel(s.target) as ch:
+            st = ControllerStub(ch, "current")
+            await st.Create(cur.ControllerCreateRequest(sandbox_id=sid))
+            r = await st.Start(cur.ControllerStartRequest(sandbox_id=sid))
+        assert r.pid in pooled and r.address == f"ttrpc+unix://{s.dir}/{sid}/agent.sock"
+        assert (s.dir / sid / "agent.sock").is_symlink()
+        await _run_task(r.address, f"c-{sid}")
+        await until(lambda: len(_pool_vmms(pool_dir)) == 3)  # refilled: 2 idle + ours
+        return r.pid
+
+    async def after_restart(pid: int) -> None:
+        async with grpc.aio.insecure_channel(s.target) as ch:
+            st = ControllerStub(ch, "current")
+            status = await st.Status(cur.ControllerStatusRequest(sandbox_id=sid))
+            assert status.state == "SANDBOX_READY" and status.pid == pid
+            await _run_task(status.address, f"d-{sid}")
+            await st.Stop(cur.ControllerStopRequest(sandbox_id=sid))
+            await st.Shutdown(cur.ControllerShutdownRequest(sandbox_id=sid))
+        assert not _qemu_alive(pid)
+
+    try:
+        s.start()
+        pid = asyncio.run(start_one())
+        old_idle = set(_pool_vmms(pool_dir)) - {pid}
+        s.kill9()
+        assert all(_qemu_alive(p) for p in old_idle)  # nobody left to stop them ...
+        s.start()  # ... until the next sandboxer sweeps them; its own pool fills anew
+        asyncio.run(until(lambda: not any(_qemu_alive(p) for p in old_idle)))
+        asyncio.run(after_restart(pid))
+        asyncio.run(until(lambda: len(_pool_vmms(pool_dir)) == 2))
+        s.stop()  # SIGTERM: its pool goes with it
+        assert _pool_vmms(pool_dir) == {} and not pool_dir.exists()
+    finally:
+        s.teardown()

@@ -237,3 +237,16 @@ def test_state_round_trip(tmp_path: Path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "sandbox.json").write_text('{"id": "../evil", "dir": "/"}')
     assert [b.id for b in load_all(tmp_path)] == ["sb"]
+
+
+def test_vm_pool_flags_parse_and_reject_bad_values(capsys):
+    from bench.sandboxer.server import parse_args
+    base = ["--listen", "/tmp/x.sock", "--dir", "/tmp/x", "--schema", "current"]
+    opts = parse_args(base + ["--backend", "vm", "--vm-pool", "3", "--vm-pool-mode", "restored"])
+    assert (opts.vm_pool, opts.vm_pool_mode) == (3, "restored")
+    assert parse_args(base).vm_pool is None  # the env (CHAINBENCH_VM_POOL) decides
+    for bad in (["--vm-pool", "-1"], ["--vm-pool", "65"], ["--vm-pool-mode", "warm"]):
+        with pytest.raises(SystemExit) as exc:
+            parse_args(base + bad)
+        assert exc.value.code == 2
+    assert "--vm-pool" in capsys.readouterr().err

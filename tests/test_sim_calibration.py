@@ -176,10 +176,12 @@ def test_cpu_accounting_puts_every_measured_step_on_the_cores(bench_dirs, tmp_pa
     assert lo[tc].limit == "cores" and lo[tc].hold == pytest.approx(0.02 / busy, rel=0.25)
     assert lo[tc].hold < 0.9
     assert lo[tc].hold == lo[ts].hold
-    # Engine bookkeeping is counted but not queued on the cores: it keeps the engine's worker
+    # Engine bookkeeping runs on the engine's one loop: it keeps the engine's worker for the
+    # whole step and queues on the cores inside it for its CPU share (two limits)
     prep = lo[(CALL_RUN_POD, "engine.prepare")]
-    assert prep.limit == "engine_workers" and prep.hold == 1.0 and prep.cores == 0.0
-    assert prep.cpu > 0
+    assert prep.limit == "engine_workers" and prep.hold == 1.0
+    assert prep.cpu > 0 and prep.cores == pytest.approx(prep.cpu)
+    assert hi[(CALL_RUN_POD, "engine.commit")].cores == pytest.approx(1.0)
     # Shim teardown is not sampled (the shim is gone): it takes the start-phase share
     assert lo[(CALL_REMOVE_CONTAINER, "task.delete")].hold == pytest.approx(lo[tc].hold)
     # A daemon burning more than its steps last hands the excess to the phase's other steps,
@@ -187,7 +189,7 @@ def test_cpu_accounting_puts_every_measured_step_on_the_cores(bench_dirs, tmp_pa
     assert hi[tc].hold == pytest.approx(1.0)
     assert hi[(CALL_RUN_POD, "task.connect")].limit == "cores"
     assert lo[(CALL_RUN_POD, "task.connect")].limit is None
-    # ... but never onto the engine's prompt bookkeeping, which only records its share
+    # ... but never onto the CRI framing steps (no limit), which only record their share
     assert hi[(CALL_RUN_POD, "cri.recv")].limit is None
     assert hi[(CALL_RUN_POD, "cri.recv")].cpu > lo[(CALL_RUN_POD, "cri.recv")].cpu
 
@@ -261,3 +263,28 @@ def test_nested_steps_are_not_counted_twice():
     sp[["start_ns", "end_ns"]] *= ms
     own = calibration._exclusive_ns(sp) // ms
     assert own.tolist() == [300 - 210, 120, 90, 29, 60, 100]
+
+
+def test_client_cpu_row_is_precise_and_optional(bench_dirs, tmp_path):
+    """The load driver's own CPU (role "client", process_time()-precise) gets no tick
+    correction and does not change the fit: runs with and without it calibrate alike."""
+    import shutil
+
+    import pandas as pd
+
+    seq, _ = bench_dirs
+    per_role = {"engine": 0.01, "shim": 0.02}
+    without = calibrate([str(_with_cpu(seq, tmp_path / "a", per_role))])
+    with_client = _with_cpu(seq, tmp_path / "b", per_role)
+    cpu_file = with_client / "shim" / "cpu.parquet"
+    cpu = pd.read_parquet(cpu_file)
+    row = {"role": calibration.CLIENT_ROLE, "pid": 7, "cpu_s": 0.5, "cpu_children_s": 0.0}
+    pd.concat([cpu, pd.DataFrame([row])], ignore_index=True).to_parquet(cpu_file, index=False)
+    got = calibrate([str(with_client)])
+    for call in CALLS:
+        for g, w in zip(got.model("shim", "runc").steps(call),
+                        without.model("shim", "runc").steps(call), strict=True):
+            assert (g.step, g.limit, g.dist) == (w.step, w.limit, w.dist)
+            assert (g.cpu, g.hold, g.cores) == pytest.approx((w.cpu, w.hold, w.cores))
+    assert calibration.CLIENT_ROLE in calibration.PRECISE_ROLES
+    shutil.rmtree(tmp_path / "a")

@@ -165,3 +165,27 @@ def test_memory_ledger_balances(tmp_path):
     assert (last["pss_total"] == 0).all() and (last["procs_total"] == 0).all()
     # the last pod is alive once it is ready, after its shim and pause appeared
     assert led["pods_alive"].max() == 11 and led["pods_alive"].iloc[-1] == 0
+
+
+def test_large_runs_simulate_chains_in_parallel_with_the_same_result(tmp_path, monkeypatch):
+    """The command line runs a large scenario's chains one process each; the runs equal the
+    serial ones bit for bit (each chain has its own random streams)."""
+    from sim import cli_simulate
+    from sim.calibration import load_calibration
+
+    scen = _scenario(tmp_path, pods=20, conc=20, sim='nodes = 30\naggregate = "rows"')
+    monkeypatch.setattr(cli_simulate, "PARALLEL_MIN_PODS", 0)
+    sc = cli_simulate.load_scenario(str(scen))
+    st = cli_simulate.settings_for(sc)
+    cal = load_calibration()
+    args = [(sc, st, cal, c, tmp_path, None) for c in ("shim", "sandbox")]
+    assert cli_simulate._chain_workers(sc, st, args) == 2  # CI and dev machines: >= 2 cores
+    with_lambda = [(*a[:5], lambda msg: None) for a in args]
+    assert cli_simulate._chain_workers(sc, st, with_lambda) == 1  # not picklable: serial
+    par = cli_simulate.simulate_scenario(sc, st, tmp_path / "par", progress=None, parallel=True)
+    ser = cli_simulate.simulate_scenario(sc, st, tmp_path / "ser", progress=None)
+    assert [p.name for p in par] == [p.name for p in ser] == ["shim", "sandbox"]
+    for p, q in zip(par, ser):
+        for table in ("pods", "spans", "memory", "cpu"):
+            pd.testing.assert_frame_equal(pd.read_parquet(p / f"{table}.parquet"),
+                                          pd.read_parquet(q / f"{table}.parquet"))

@@ -63,7 +63,8 @@ class Manager:
     """All sandboxes of one sandboxer process."""
 
     def __init__(self, root: Path, tracer: Tracer | None = None, backend: str = "runc",
-                 vm_boot: str = "restore", vm_memory_mb: int | None = None) -> None:
+                 vm_boot: str = "restore", vm_memory_mb: int | None = None,
+                 vm_pool: int | None = None, vm_pool_mode: str | None = None) -> None:
         from bench.sandboxer.vms import BACKENDS, BOOT_MODES, VmBackend
         if backend not in BACKENDS or vm_boot not in BOOT_MODES:
             raise ValueError(f"backend {backend!r} / vm boot {vm_boot!r} unknown")
@@ -72,7 +73,10 @@ class Manager:
         self.sandboxes: dict[str, Sandbox] = {}
         self.pinner = nspin.NamespacePinner()
         self.backend = backend
-        self.vms = VmBackend(self.tracer, boot=vm_boot, memory_mb=vm_memory_mb)
+        # Pool VMs live under our --dir, so whoever checks that dir for leftovers sees them.
+        self.vms = VmBackend(self.tracer, boot=vm_boot, memory_mb=vm_memory_mb,
+                             pool_size=vm_pool, pool_mode=vm_pool_mode,
+                             pool_dir=root / ".vmpool")
         # Imported here to keep the import graph one-way (containers needs Manager types only).
         from bench.sandboxer.containers import Containers
         self.containers = Containers(self)

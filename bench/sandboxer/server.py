@@ -49,6 +49,8 @@ class Options:
     backend: str = "runc"
     vm_boot: str = "restore"
     vm_memory_mb: int | None = None
+    vm_pool: int | None = None  # None: env CHAINBENCH_VM_POOL (bench.sandboxer.vms)
+    vm_pool_mode: str | None = None
 
 
 def parse_args(argv: list[str]) -> Options:
@@ -71,11 +73,20 @@ def parse_args(argv: list[str]) -> Options:
                     help="vm backend: restore from a template snapshot or cold boot "
                          "(per sandbox: annotation io.chainbench.vm.boot)")
     ap.add_argument("--vm-memory-mb", type=int, default=None, help="guest RAM (default 128)")
+    ap.add_argument("--vm-pool", type=int, default=None, metavar="N",
+                    help="vm backend, restore: keep N VMs ready ahead of Start "
+                         "(default: env CHAINBENCH_VM_POOL, else 0)")
+    ap.add_argument("--vm-pool-mode", choices=("spawned", "restored"), default=None,
+                    help="spawned: QEMU up, waiting for the snapshot; restored: restored and "
+                         "warm (a VM cache)")
     ns = ap.parse_args(argv)
     if ns.vm_memory_mb is not None and ns.vm_memory_mb <= 0:
         ap.error("--vm-memory-mb must be positive")
+    if ns.vm_pool is not None and not 0 <= ns.vm_pool <= 64:
+        ap.error("--vm-pool must be in 0..64")
     return Options(ns.listen.removeprefix("unix://"), ns.dir, ns.schema, ns.trace_dir,
-                   ns.cleanup_on_exit, ns.log_level, ns.backend, ns.vm_boot, ns.vm_memory_mb)
+                   ns.cleanup_on_exit, ns.log_level, ns.backend, ns.vm_boot, ns.vm_memory_mb,
+                   ns.vm_pool, ns.vm_pool_mode)
 
 
 def _become_subreaper() -> None:
@@ -121,7 +132,8 @@ async def serve(opts: Options, ready: asyncio.Event | None = None) -> int:
     _use_pidfd_child_watcher()
     manager = Manager(root, Tracer.from_dir(opts.trace_dir or None, "sandboxer"),
                       backend=opts.backend, vm_boot=opts.vm_boot,
-                      vm_memory_mb=opts.vm_memory_mb)
+                      vm_memory_mb=opts.vm_memory_mb, vm_pool=opts.vm_pool,
+                      vm_pool_mode=opts.vm_pool_mode)
     if opts.backend == "vm":
         try:
             await manager.vms.prepare()

@@ -36,6 +36,7 @@ from google.protobuf import empty_pb2, timestamp_pb2
 from bench.rpc.pb import containerd_task_types_pb2 as tt
 from bench.rpc.pb import task_v2_pb2 as pb
 from bench.rpc.ttrpc import Code, Server, TtrpcError
+from bench.vm.agent_port import wire_bytes, wire_fields, wire_uint
 
 SERVICE = "containerd.task.v2.Task"
 VERSION = "chainbench-agent/1"
@@ -161,6 +162,9 @@ class TaskService:
         self.containers: dict[str, Container] = {}
         self.by_pid: dict[int, Proc] = {}
         self.on_shutdown = on_shutdown
+        self.pid = os.getpid()
+        # The readiness probe's answer (Connect without an id), ready-made for the inline path.
+        self._connect_reply = wire_uint(1, self.pid) + wire_bytes(3, VERSION.encode())
 
     # -- process plumbing -------------------------------------------------------------------
     def reap(self) -> None:
@@ -328,12 +332,38 @@ class TaskService:
         return empty_pb2.Empty()
 
     async def connect(self, req: pb.ConnectRequest, ctx: Any) -> pb.ConnectResponse:
-        task_pid = 0
         if req.id:
             _check_id("container id", req.id)
-            c = self.containers.get(req.id)
-            task_pid = c.init.pid if c else 0
-        return pb.ConnectResponse(shim_pid=os.getpid(), task_pid=task_pid, version=VERSION)
+        return pb.ConnectResponse(shim_pid=self.pid, task_pid=self._task_pid(req.id),
+                                  version=VERSION)
+
+    def _task_pid(self, cid: str) -> int:
+        c = self.containers.get(cid) if cid else None
+        return c.init.pid if c else 0
+
+    def connect_wire(self, payload: bytes) -> bytes | None:
+        """Connect from and to wire bytes, for the port's inline path (bench.vm.agent_port);
+        None for anything but a plain, valid request (the regular path answers those)."""
+        if not payload:
+            return self._connect_reply
+        try:
+            fields = wire_fields(payload)
+        except (ValueError, IndexError):
+            return None
+        raw = fields.pop(1, b"")  # ConnectRequest.id
+        if fields or not isinstance(raw, bytes):
+            return None
+        try:
+            cid = raw.decode()
+        except UnicodeDecodeError:
+            return None
+        if cid and not _ID_RE.match(cid):
+            return None
+        task_pid = self._task_pid(cid)
+        if not task_pid:
+            return self._connect_reply
+        # ConnectResponse: shim_pid=1, task_pid=2, version=3
+        return wire_uint(1, self.pid) + wire_uint(2, task_pid) + wire_bytes(3, VERSION.encode())
 
     async def shutdown(self, req: pb.ShutdownRequest, ctx: Any) -> empty_pb2.Empty:
         # Like the runc shim: a no-op while containers remain (unless `now`).
@@ -357,26 +387,11 @@ class TaskService:
         })
 
 
-def _server_protocol(server: Server, *, port: bool = False) -> Any:
+def _server_protocol(server: Server) -> Any:
     # ttrpc's Server has no public "serve this one transport" hook yet; its per-connection
     # protocol is what a listener would create for each accepted socket.
-    from bench.rpc.ttrpc.framing import TYPE_REQUEST
     from bench.rpc.ttrpc.server import _ServerConnection
-
-    class _PortSession(_ServerConnection):
-        """On the port a host can close and reconnect faster than the guest notices; a new
-        client always opens with stream 1, so stream 1 again means a new session: drop the
-        old one's calls (their answers would reach the wrong client) and restart numbering."""
-
-        def _on_frame(self, sid: int, mtype: int, flags: int, payload: bytes) -> None:
-            if mtype == TYPE_REQUEST and sid == 1 and self.last_sid:
-                for t in list(self.tasks):
-                    t.cancel()
-                self.last_sid = 0
-            super()._on_frame(sid, mtype, flags, payload)
-
-    cls = _PortSession if port else _ServerConnection
-    return lambda: cls(server)
+    return lambda: _ServerConnection(server)
 
 
 def _power_off() -> None:
@@ -397,7 +412,8 @@ async def run(args: AgentArgs) -> int:
         loop.add_signal_handler(sig, stop.set)
     if args.port is not None:
         from bench.vm.agent_port import serve_port
-        await serve_port(_server_protocol(server, port=True), args.port, stop)
+        await serve_port(server, args.port, stop, inline_service=SERVICE,
+                         inline={"Connect": service.connect_wire})
     elif args.fd is not None:
         sock = socket.socket(fileno=args.fd)
         await loop.connect_accepted_socket(_server_protocol(server), sock)

@@ -76,6 +76,27 @@ class QMP:
 
             return await asyncio.wait_for(answer(), timeout)
 
+    async def wait_event(self, name: str, timeout: float) -> dict[str, Any] | None:
+        """The first event `name` seen since the last call (also one collected while a command
+        was answered), or None after `timeout`; the events before it are dropped."""
+        for i, ev in enumerate(self.events):
+            if ev.get("event") == name:
+                del self.events[:i + 1]
+                return ev
+        self.events.clear()
+        deadline = time.monotonic() + timeout
+        async with self._lock:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                try:
+                    msg = await asyncio.wait_for(self._read(), left)
+                except asyncio.TimeoutError:
+                    return None
+                if msg.get("event") == name:
+                    return msg
+
     async def close(self) -> None:
         self._writer.close()
         try:

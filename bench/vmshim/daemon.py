@@ -43,6 +43,7 @@ SERVICE = "containerd.task.v2.Task"
 TASK_METHODS = tuple(m.name for m in pb.DESCRIPTOR.services_by_name["Task"].methods)
 PROCESS_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
 LOST_EXIT_STATUS = 255  # a task whose VM died: no real exit status exists
+_RELAY_DEFAULT_TIMEOUT_S = 60.0
 _EXIT_FLUSH_S = 0.1  # after the VM died: let the Wait answers it produced reach the engine
 # Methods answered by the shim itself; every other Task method is a plain relay.
 _LOCAL = {"Connect", "Create", "Start", "Delete", "Wait", "Shutdown", "Exec"}
@@ -128,10 +129,19 @@ class VmShim:
 
     async def _relay(self, method: str, payload: bytes, ctx: CallContext) -> bytes:
         agent = self._agent_or_raise()
+        # A caller without a deadline must not wait forever on a silent agent; only Wait
+        # legitimately blocks (until the process exits).
+        timeout = ctx.time_remaining()
+        if timeout is None and method != "Wait":
+            timeout = _RELAY_DEFAULT_TIMEOUT_S
         try:
-            return await agent.call_raw(SERVICE, method, payload, timeout=ctx.time_remaining(),
+            return await agent.call_raw(SERVICE, method, payload, timeout=timeout,
                                         metadata=ctx.metadata)
         except TtrpcError as exc:
+            if exc.code == Code.DEADLINE_EXCEEDED and ctx.deadline is None and timeout:
+                raise TtrpcError(Code.DEADLINE_EXCEEDED,
+                                 f"the agent of pod {self.id}'s VM did not answer {method} "
+                                 f"within {timeout:g}s") from None
             if exc.code == Code.UNAVAILABLE and self.pvm.gone.is_set():
                 raise TtrpcError(Code.UNAVAILABLE,
                                  f"the sandbox VM of {self.id} is gone") from None

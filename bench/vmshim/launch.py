@@ -112,7 +112,9 @@ def _open_log() -> int | None:
 
 
 def daemon_argv(flags: Flags) -> list[str]:
-    argv = [sys.executable, "-m", "bench.vmshim", "-namespace", flags.namespace,
+    # started through the wrapper (-S, PYTHONPATH set): the daemon can skip `site` as well
+    argv = [sys.executable, "-Sm" if sys.flags.no_site else "-m", "bench.vmshim",
+            "-namespace", flags.namespace,
             "-id", flags.id, "-address", flags.address]
     if flags.publish_binary:
         argv += ["-publish-binary", flags.publish_binary]

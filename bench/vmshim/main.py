@@ -123,10 +123,20 @@ def ensure_shim_binary(directory: str | os.PathLike[str] | None = None) -> Path:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     path = d / SHIM_NAME
-    # exec keeps the pid: the process the engine spawned is the shim itself
-    text = f"#!/bin/sh\nexec '{sys.executable}' -m bench.vmshim \"$@\"\n"
-    if "'" in sys.executable:
-        raise ValueError(f"cannot quote interpreter path {sys.executable!r}")
+    import sysconfig
+    root = str(Path(__file__).resolve().parent.parent.parent)  # the tree bench/ is in
+    paths = [root] + list(dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib")))
+    for p in [sys.executable, *paths]:
+        if any(c in p for c in "'\"$`\\:\n"):
+            raise ValueError(f"cannot put path {p!r} into the shim wrapper")
+    # -S: no `site` (this venv's editable-install hook alone costs ~40 ms per interpreter, and
+    # a shim start runs two); the paths it would add come from PYTHONPATH instead: the
+    # caller's first (an A/B run points it at another tree), then ours.  `-Sm` keeps
+    # "bench.vmshim" at argv[2], where process probes look for it.  exec keeps the pid: the
+    # process the engine spawned is the shim itself.
+    text = ("#!/bin/sh\n"
+            f"export PYTHONPATH=\"${{PYTHONPATH:+$PYTHONPATH:}}{':'.join(paths)}\"\n"
+            f"exec '{sys.executable}' -Sm bench.vmshim \"$@\"\n")
     try:
         if path.read_text() == text and os.access(path, os.X_OK):
             return path

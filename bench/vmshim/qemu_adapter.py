@@ -8,7 +8,10 @@ snapshot is made on first use and cached by config under
 it twice); `prepare_snapshot()` makes it ahead of a run so no pod pays for it.
 
 vm.json keys understood here: memory_mb, cpus, snapshot_dir (use that snapshot instead of the
-cache), boot_timeout_s.
+cache), boot_timeout_s.  Env CHAINBENCH_VM_SNAPSHOT_RAM picks the snapshot kind (bench.vm.snapshot:
+`file`, the default: RAM in a file clones map copy-on-write; `stream`: RAM in the stream).
+The cache key covers the config, the command line, the kind, and the QEMU binary (version),
+kernel and initrd files (bench.vm.snapshot.identity), so an upgrade never loads a stale snapshot.
 """
 from __future__ import annotations
 
@@ -19,14 +22,15 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from bench.tracing import Tracer
+from bench.vm import snapshot
 from bench.vm.qemu import MicroVM, Snapshot, VMConfig, VMError
-from bench.vm.snapshot import create_snapshot
 from bench.vmshim.vm import VmConfigError, VmError, VmHandle, VmOptions
 
 _CONFIG_KEYS = {"memory_mb": int, "cpus": int}
+ENV_RAM = "CHAINBENCH_VM_SNAPSHOT_RAM"
 
 
 def vm_config(opts: VmOptions | None = None) -> VMConfig:
@@ -47,25 +51,36 @@ def _cache_root() -> Path:
     return Path(os.environ.get("CHAINBENCH_CACHE", "/var/cache/chainbench")) / "vmshim-snapshots"
 
 
-def snapshot_dir(config: VMConfig) -> Path:
+def snapshot_dir(config: VMConfig, ram: str = snapshot.DEFAULT_RAM) -> Path:
     # The config and the command line it yields: a snapshot only loads into the same machine
-    # (devices included), and the driver may change the line without changing the config.
-    argv = config.argv(socket_path="S", qmp_path="Q", serial_log="L")
-    blob = json.dumps([asdict(config), argv], sort_keys=True).encode()
+    # (devices included), and the driver may change the line without changing the config;
+    # plus the QEMU binary (version), kernel and initrd files, and the snapshot kind.
+    argv = config.argv(socket_path="S", qmp_path="Q", serial_log="L",
+                       ram_file="R" if ram == "file" else None)
+    blob = json.dumps([asdict(config), argv, snapshot.identity(config), ram],
+                      sort_keys=True).encode()
     return _cache_root() / hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _load(d: Path, config: VMConfig) -> Snapshot | None:
-    try:
-        snap = Snapshot.load(d)
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
-    return snap if snap.config == config and snap.path.is_file() else None
+def _load(d: Path, config: VMConfig, ram: str | None) -> Snapshot | None:
+    return snapshot.load(d, config, ram)
+
+
+def ram_kind(env: Mapping[str, str] | None = None) -> str:
+    """Snapshot kind from env CHAINBENCH_VM_SNAPSHOT_RAM (file | stream; default file)."""
+    kind = (os.environ if env is None else env).get(ENV_RAM) or snapshot.DEFAULT_RAM
+    if kind not in snapshot.RAM_KINDS:
+        raise VmConfigError(f"{ENV_RAM}={kind!r}: want one of {snapshot.RAM_KINDS}")
+    return kind
 
 
 async def ensure_snapshot(config: VMConfig, directory: Path | None = None) -> Snapshot:
-    d = directory or snapshot_dir(config)
-    snap = _load(d, config)
+    ram = ram_kind()
+    try:
+        d = directory or snapshot_dir(config, ram)
+    except VMError as exc:
+        raise VmError(str(exc)) from None
+    snap = _load(d, config, None if directory else ram)
     if snap is not None:
         return snap
     if directory is not None:
@@ -74,10 +89,10 @@ async def ensure_snapshot(config: VMConfig, directory: Path | None = None) -> Sn
     lock_fd = os.open(d.parent / f"{d.name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         await asyncio.to_thread(fcntl.flock, lock_fd, fcntl.LOCK_EX)
-        snap = _load(d, config)  # another shim may have made it while we waited
+        snap = _load(d, config, ram)  # another shim may have made it while we waited
         if snap is None:
             try:
-                snap = await create_snapshot(d, config)
+                snap = await snapshot.create_snapshot(d, config, ram=ram)
             except VMError as exc:
                 raise VmError(f"template snapshot: {exc}") from None
         return snap
@@ -113,6 +128,11 @@ class QemuVm(VmHandle):
         await self.vm.stop()
 
 
+async def _snapshot_for(config: VMConfig, opts: VmOptions) -> Snapshot:
+    snap_dir = opts.extra.get("snapshot_dir")
+    return await ensure_snapshot(config, Path(snap_dir) if snap_dir else None)
+
+
 async def launch(vm_id: str, workdir: Path, opts: VmOptions, tracer: Tracer,
                  call: str) -> VmHandle:
     config = vm_config(opts)
@@ -123,8 +143,7 @@ async def launch(vm_id: str, workdir: Path, opts: VmOptions, tracer: Tracer,
         raise VmError(str(exc)) from None
     try:
         if opts.boot == "restore":
-            snap_dir = opts.extra.get("snapshot_dir")
-            snap = await ensure_snapshot(config, Path(snap_dir) if snap_dir else None)
+            snap = await _snapshot_for(config, opts)
             await vm.restore(snap, timeout=timeout)
             return QemuVm(vm, "vm.restore")
         await vm.boot(timeout=timeout)
