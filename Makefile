@@ -8,6 +8,9 @@ export CHAINBENCH_CACHE ?= /var/cache/chainbench
 APT_PACKAGES := python3 python3-venv python3-dev gcc libc6-dev make git file \
 	containerd runc qemu-system-x86 busybox-static linux-source-6.1 \
 	flex bison libelf-dev libssl-dev bc cpio xz-utils util-linux iproute2 procps
+# Debian's stock kernel: the guest-kernel fallback (and its test).  Without recommends: those
+# pull in firmware and apparmor, which a guest kernel does not need.
+APT_NORECOMMENDS := linux-image-amd64
 
 .PHONY: setup apt venv assets kernel vm run test protos calibration
 
@@ -19,6 +22,13 @@ apt:
 	if [ -n "$$missing" ]; then \
 		echo "installing: $$missing"; \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+	@missing=$$(for p in $(APT_NORECOMMENDS); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing (no recommends): $$missing"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+			--no-install-recommends $$missing; \
 	fi
 
 $(VENV)/.installed: pyproject.toml

@@ -49,7 +49,23 @@ def tool_versions() -> dict[str, str]:
         vers["containerd"] = _version(["containerd", "--version"], r"containerd \S+ (\S+)")
     if shutil.which("qemu-system-x86_64"):
         vers["qemu"] = _version(["qemu-system-x86_64", "--version"], r"version (\S+)")
+    guest = guest_kernel_label()
+    if guest:
+        vers["guest_kernel"] = guest
     return vers
+
+
+def guest_kernel_label() -> str:
+    """`tiny:<config hash>` or `stock:<release>` for the kernel microVMs boot, "" if none yet.
+
+    Recorded with the tool versions in every run's host facts: a stock-kernel run boots ~1 s
+    slower under TCG and must not be compared with a tiny-kernel one unawares."""
+    from bench.vm import kernel
+    try:
+        info = kernel.find_kernel()
+    except (kernel.KernelBuildError, OSError):
+        return ""
+    return info.label if info else ""
 
 
 def accel_mode() -> str:
@@ -74,10 +90,18 @@ def _binary(name: str, package: str, version_cmd: list[str] | None = None,
 def _guest_image() -> list[Check]:
     from bench.vm import initramfs, kernel
 
-    k = kernel.find_kernel()
+    try:
+        k, problem = kernel.find_kernel(), ""
+    except (kernel.KernelBuildError, OSError) as exc:
+        k, problem = None, str(exc)
+    fix = ""
+    if k is None:
+        wants_stock = not problem and kernel.mode() == "stock"
+        fix = f"{APT} {kernel.STOCK_PACKAGE}" if wants_stock else \
+            "make kernel  (python -m bench.vm.kernel)"
     checks = [Check("guest kernel", k is not None,
-                    f"{k.path} ({k.kind})" if k else "no vmlinux built for this config",
-                    "" if k else "make kernel  (python -m bench.vm.kernel)")]
+                    kernel.describe(k) if k else problem or "no vmlinux built for this config",
+                    fix)]
     try:
         i = initramfs.find_initramfs()
         found = f"{i.path} ({i.size / 1e6:.1f} MB)" if i else "not built"
@@ -86,6 +110,21 @@ def _guest_image() -> list[Check]:
     checks.append(Check("guest initramfs + agent", i is not None, found,
                         "" if i else "make vm  (python -m bench.vm.initramfs)"))
     return checks
+
+
+def guest_kernel_info() -> dict[str, str] | None:
+    """The guest kernel in use for `doctor --json`: kind, id (config hash / release), path,
+    label (as recorded in results) and why it was chosen when that is not obvious."""
+    from bench.vm import kernel
+    try:
+        k = kernel.find_kernel()
+    except (kernel.KernelBuildError, OSError):
+        return None
+    if k is None:
+        return None
+    return {"kind": k.kind, "id": k.key, "label": k.label, "path": str(k.path),
+            "boot": "pvh-vmlinux" if k.pvh else "bzimage", "mode": kernel.mode(), "note": k.note,
+            "modules": ",".join(p.name for p in k.modules)}
 
 
 def _assets() -> list[Check]:
@@ -144,8 +183,8 @@ def main(argv: list[str]) -> int:
     checks = run_checks()
     ok = all(c.ok for c in checks if c.required)
     if ns.json:
-        print(json.dumps({"ok": ok, "accel": accel_mode(), "checks": [asdict(c) for c in checks]},
-                         indent=2))
+        print(json.dumps({"ok": ok, "accel": accel_mode(), "guest_kernel": guest_kernel_info(),
+                          "checks": [asdict(c) for c in checks]}, indent=2))
     else:
         width = max(len(c.name) for c in checks)
         for c in checks:

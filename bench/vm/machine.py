@@ -109,6 +109,11 @@ class VMConfig:
                           "python -m bench.vm.initramfs")
         kw: dict[str, Any] = {"kernel": str(kinfo.path), "initrd": str(iinfo.path),
                               "accel": accel_mode(), "tsc_khz": host_tsc_khz()}
+        if kinfo.boot_args:  # the stock kernel's; our tiny kernel has its own built in
+            kw["extra_append"] = kinfo.boot_args
+        if kinfo.boot_args and overrides.get("extra_append"):
+            overrides = {**overrides,
+                         "extra_append": f"{kinfo.boot_args} {overrides['extra_append']}"}
         kw.update(overrides)
         return cls(**kw)
 
