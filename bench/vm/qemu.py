@@ -36,7 +36,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Awaitable, Callable, NoReturn
 
 from bench.processes import REGISTRY, ProcessRegistry, process_start_ticks
 from bench.rpc.pb import task_v2_pb2 as pb
@@ -225,26 +225,39 @@ class MicroVM:
                 if self.proc is None:
                     await self._spawn_deferred(snapshot)
                 assert self.qmp is not None
-                # Dial and send Connect right away: QEMU holds the bytes until the guest's
-                # port is open, so the agent's answer is not delayed by our QMP polling.
-                agent = asyncio.ensure_future(self._agent_connect())
-                try:
+                qmp = self.qmp
+
+                async def load() -> None:
                     uri = f"exec:cat {shlex.quote(str(snapshot.path))}"
-                    await self._race(self.qmp.execute("migrate-incoming", {"uri": uri}))
+                    await self._race(qmp.execute("migrate-incoming", {"uri": uri}))
                     self._deferred = None
-                    await self._until_running()
-                    self.restored_from = snapshot
-                    t1 = time.perf_counter_ns()
-                    await agent
-                finally:
-                    if not agent.done():
-                        agent.cancel()
-                        with contextlib.suppress(BaseException):
-                            await agent
+
+                t1 = await self._running_then_agent(load)
+                self.restored_from = snapshot
             t2 = max(time.perf_counter_ns(), t1)
         except BaseException as exc:
             await self._fail(exc, "vm.restore")
         return self._done("vm.restore", t0, t1, t2)
+
+    async def _running_then_agent(self, before: Callable[[], Awaitable[None]] | None) -> int:
+        """Run `before` (the snapshot load), wait until the guest runs, then for the agent's
+        first Connect answer; returns when the guest started running (perf_counter ns).
+
+        Connect is dialled and sent first: QEMU holds the bytes until the guest's port is
+        open, so the agent's answer is not delayed by our QMP round trips and polling."""
+        agent = asyncio.ensure_future(self._agent_connect())
+        try:
+            if before is not None:
+                await before()
+            await self._until_running()
+            t1 = time.perf_counter_ns()
+            await agent
+            return t1
+        finally:
+            if not agent.done():
+                agent.cancel()
+                with contextlib.suppress(BaseException):
+                    await agent
 
     async def check_ready(self, *, timeout: float = 30.0) -> ReadyTimes:
         """For a VM restored ahead of time (a warm pool): one `Connect` round trip, recorded as
@@ -307,16 +320,7 @@ class MicroVM:
         try:
             await self._spawn(incoming, self.ram_file, ram_shared=True)
             async with asyncio.timeout(timeout):
-                agent = asyncio.ensure_future(self._agent_connect())
-                try:
-                    await self._until_running()
-                    t1 = time.perf_counter_ns()
-                    await agent
-                finally:
-                    if not agent.done():
-                        agent.cancel()
-                        with contextlib.suppress(BaseException):
-                            await agent
+                t1 = await self._running_then_agent(None)
             t2 = max(time.perf_counter_ns(), t1)
         except BaseException as exc:
             await self._fail(exc, step)
