@@ -10,8 +10,13 @@ release as an event; the cores (and any pool no two-limit step uses) keep the re
 A pod of a node is in one of three phases at its stage j (its j-th contended step):
 0 asks for the stage's limit, 1 asks for a core (pool granted), 2 releases its queued pool.
 Each iteration serves every node's earliest event, as sim.fast does.  When a release hands
-the pool to a waiter, the waiter asks for its core at once, before the releasing pod goes on:
-the reference SimPy model (sim.model) orders those two the same way.
+the pool to a waiter, the releasing pod goes on first: if its next request falls at the same
+instant (no free time in between), it is made before the waiter asks for its core.  That is
+how an asyncio loop runs — the coroutine that finishes a piece of work keeps the loop until
+its next await (right after engine.prepare the engine forks the shim, or sends the
+sandboxer its Create, before another request's handler runs) — and the reference SimPy model
+(sim.model) orders the two the same way.  A pool the releasing pod is granted at that instant
+is taken at once, but like any holder it asks for its core only when it resumes.
 """
 from __future__ import annotations
 
@@ -113,6 +118,46 @@ def simulate_queued(program: Program, d: np.ndarray, pre: np.ndarray, hold: np.n
         seg_f[fp] = j1
         ph_f[fp] = ASK
 
+    def ask_now(rows: np.ndarray, fp: np.ndarray, j: np.ndarray, t: np.ndarray,
+                later: list[tuple[np.ndarray, ...]]) -> None:
+        """Pods (at most one per node) asking for the limit of their stage j at t, at once.
+
+        A pool granted to a two-limit stage is taken at once, but its holder asks for the core
+        only when it resumes: after a waiter already handed a pool at this instant (`later`
+        keeps the order).
+        """
+        kw = kind[j] == KW
+        if kw.any():
+            rk, fk, jk, tk = rows[kw], fp[kw], j[kw], t[kw]
+            fj = jk * bp + fk
+            g = recursion(rk, res_of[jk], tk, hold_f[fj])
+            grant_f[fj] = g
+            move_on(fk, jk, g + hold_f[fj])
+        pl = ~kw
+        if not pl.any():
+            return
+        rp, fq, jp, tp = rows[pl], fp[pl], j[pl], t[pl]
+        rq = res_of[jp]
+        q = rp * n_res + rq
+        ok = busy[q] < caps[rq]
+        busy[q[ok]] += 1
+        two = ok & (kind[jp] == POOL_CORE)
+        if two.any():
+            later.append((rp[two], fq[two], jp[two], tp[two]))
+        one = ok & ~two
+        if one.any():
+            fo, to = fq[one], tp[one]
+            fj = jp[one] * bp + fo
+            grant_f[fj] = to
+            t_f[fo] = to + hold_f[fj]
+            ph_f[fo] = RELEASE
+        wait = ~ok
+        if wait.any():
+            qw = q[wait]
+            ring[qw * pods + tail[qw] % pods] = fq[wait] - rp[wait] * pods
+            tail[qw] += 1
+            t_f[fq[wait]] = INF
+
     # Event code = phase * 3 + stage kind: 0 ask (recursion), 1-2 ask a queued pool (without /
     # with a core), 5 ask the core, 7-8 release.  One sort per iteration groups the nodes.
     while True:
@@ -189,6 +234,7 @@ def simulate_queued(program: Program, d: np.ndarray, pre: np.ndarray, hold: np.n
             q = rr * n_res + res_of[jj]
             has = head[q] < tail[q]
             busy[q[~has]] -= 1
+            handed: tuple[np.ndarray, ...] | None = None
             if has.any():
                 qh = q[has]
                 w = ring[qh * pods + head[qh] % pods]
@@ -198,7 +244,7 @@ def simulate_queued(program: Program, d: np.ndarray, pre: np.ndarray, hold: np.n
                 wj = seg_f[wf]
                 two = kind[wj] == POOL_CORE
                 if two.any():
-                    core_rows.append((wr[two], wf[two], wj[two], wt[two]))
+                    handed = (wr[two], wf[two], wj[two], wt[two])
                 one = ~two
                 if one.any():
                     fj = wj[one] * bp + wf[one]
@@ -206,6 +252,14 @@ def simulate_queued(program: Program, d: np.ndarray, pre: np.ndarray, hold: np.n
                     t_f[wf[one]] = wt[one] + hold_f[fj]
                     ph_f[wf[one]] = RELEASE
             move_on(ff, jj, tt)
+            # The releasing pod goes on first: a next request at this same instant is made
+            # before the waiter it handed the pool to asks for its core (core_rows are served
+            # after this).
+            if handed is not None:
+                core_rows.append(handed)
+            now = (t_f[ff] == tt) & (seg_f[ff] < n_lim)
+            if now.any():
+                ask_now(rr[now], ff[now], seg_f[ff[now]], tt[now], core_rows)
 
         if c1 > c0:
             core_rows.append((rows[c0:c1], fp[c0:c1], j[c0:c1], t[c0:c1]))

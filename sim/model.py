@@ -141,7 +141,6 @@ def simulate_node_naive(program: Program, d: np.ndarray, *, concurrency: int | N
     lim = program.limit_index
     two = [bool(program.core_hold) and program.core_hold[i] > 0 for i in range(k)]
     cores = program.core_index
-    queued = program.queued_pools
 
     def step(p: int, i: int) -> Iterator[simpy.Event]:
         start[i, p] = env.now
@@ -156,16 +155,12 @@ def simulate_node_naive(program: Program, d: np.ndarray, *, concurrency: int | N
                         yield env.timeout(int(ch[i, p]))
                 if h[i, p] - ch[i, p]:
                     yield env.timeout(int(h[i, p] - ch[i, p]))
-            # One hop after the release, always: the waiter it hands the pool to asks for its
-            # core before this pod goes on (the fast model's order at equal instants).
-            yield env.timeout(int(d[i, p] - h[i, p]))
-        elif r >= 0 and r in queued:
-            with res[r].request() as req:
-                yield req
-                if h[i, p]:
-                    yield env.timeout(int(h[i, p]))
-            yield env.timeout(int(d[i, p] - h[i, p]))  # the same hop as above
-        elif r >= 0:
+            # No hop after the release: like a coroutine that keeps its event loop until its
+            # next await, this pod goes on (and asks for its next limit) before the waiter it
+            # handed the pool to resumes and asks for its core (the fast model's order too).
+            if d[i, p] - h[i, p]:
+                yield env.timeout(int(d[i, p] - h[i, p]))
+        elif r >= 0:  # a queued pool or a recursion limit: the same order as above
             with res[r].request() as req:
                 yield req
                 if h[i, p]:
