@@ -20,11 +20,10 @@ from google.protobuf import any_pb2, empty_pb2
 from bench.rpc.pb import task_v2_pb2 as pb
 from bench.rpc.pb import ttrpc_pb2
 from bench.rpc.ttrpc import Client, Code, FrameReader, Server
-from bench.vm import kernel
 from bench.vm.agent import SERVICE, TaskService
 from bench.vm.agent_port import PortSession, encode_varint, opens_session, wire_fields
 from bench.vm.qemu import MicroVM, Snapshot, VMConfig
-from bench.vm.snapshot import ensure_snapshot
+from test_vm_qemu import config, snapshot  # noqa: F401  (pytest fixtures: one VM recipe)
 
 PROCESS_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
 
@@ -218,17 +217,6 @@ def test_inline_connect_is_a_real_ttrpc_answer_and_other_calls_take_the_regular_
 
 
 # -- real QEMU ------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def config() -> VMConfig:
-    kernel.build(quiet=True)  # cached no-op once CI's set-up has built it
-    return VMConfig.default()
-
-
-@pytest.fixture(scope="module")
-def snapshot(config: VMConfig, tmp_path_factory: pytest.TempPathFactory) -> Snapshot:
-    return asyncio.run(ensure_snapshot(tmp_path_factory.mktemp("snap"), config))
-
-
 async def full_round(vm: MicroVM, tag: str) -> None:
     """Connect, then a Create bigger than one 4 KiB guest buffer, then Delete."""
     c = await vm.dial()

@@ -17,10 +17,10 @@ from bench.rpc.pb import task_v2_pb2 as pb
 from bench.rpc.ttrpc import Client
 from bench.sandboxer.vms import CLAIMED, VmBackend, pool_size_from_env
 from bench.tracing import Tracer, read_spans
-from bench.vm import kernel, snapshot
+from bench.vm import snapshot
 from bench.vm.qemu import TASK_SERVICE, MicroVM, Snapshot, VMConfig
 from bench.vmshim import qemu_adapter
-from test_vm_qemu import run_workload
+from test_vm_qemu import config, run_workload  # noqa: F401  (config: the VM recipe fixture)
 
 
 # -- pure logic -----------------------------------------------------------------------------
@@ -87,12 +87,6 @@ def test_pool_size_from_env() -> None:
 
 
 # -- real QEMU ------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def config() -> VMConfig:
-    kernel.build(quiet=True)  # cached no-op once CI's set-up has built it
-    return VMConfig.default()
-
-
 @pytest.fixture(scope="module")
 def file_snapshot(config: VMConfig, tmp_path_factory: pytest.TempPathFactory) -> Snapshot:
     return asyncio.run(snapshot.ensure_snapshot(tmp_path_factory.mktemp("fsnap"), config,
