@@ -12,7 +12,7 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc libc6-dev make git file \
 # pull in firmware and apparmor, which a guest kernel does not need.
 APT_NORECOMMENDS := linux-image-amd64
 
-.PHONY: setup apt venv assets kernel vm run test protos calibration
+.PHONY: setup apt venv assets kernel vm run test protos calibration validation
 
 setup: apt venv assets vm
 
@@ -62,6 +62,17 @@ calibration: setup
 	rm -rf results/calibration-bench
 	$(CB) bench runc-seq --chain shim,sandbox --out results/calibration-bench
 	$(CB) calibrate results/calibration-bench --out scenarios/calibration-runc.json
+
+# The simulator's validation on this machine: SESSIONS interleaved sessions each of runc-seq
+# (calibrate) and runc-c10 (held out), pooled; exits 1 when an error is above 10%.
+SESSIONS ?= 5
+validation: setup
+	rm -rf results/validation
+	for i in $$(seq $(SESSIONS)); do \
+		$(CB) bench runc-seq --chain shim,sandbox --out results/validation/seq-$$i && \
+		$(CB) bench runc-c10 --chain shim,sandbox --out results/validation/c10-$$i || exit 1; \
+	done
+	$(CB) validate --calibrate-on results/validation/seq-* --validate-on results/validation/c10-*
 
 protos: venv
 	$(CB) protogen
