@@ -348,11 +348,12 @@ class Bench:
         """The sandboxer's VM pool as this lane ran it (the scenario's, else its env's)."""
         if self.sc.flavor != "microvm" or ld.chain.name != "sandbox":
             return {}
+        from bench.sandboxer.vms import pool_mode_from_env, pool_size_from_env
+        if self.sc.vm_pool:  # the scenario's pool is passed as flags and wins over the env
+            return {"vm_pool": self.sc.vm_pool, "vm_pool_mode": self.sc.vm_pool_mode}
         env = {**os.environ, **(ld.variant.env if ld.variant else {})}
-        size = self.sc.vm_pool or int(env.get("CHAINBENCH_VM_POOL") or 0)
-        mode = (self.sc.vm_pool_mode if self.sc.vm_pool
-                else env.get("CHAINBENCH_VM_POOL_MODE") or "spawned")
-        return {"vm_pool": size, "vm_pool_mode": mode if size else ""}
+        size = pool_size_from_env(env)
+        return {"vm_pool": size, "vm_pool_mode": pool_mode_from_env(env) if size else ""}
 
     def write(self, traced: dict[str, list[dict[str, Any]]]) -> None:
         versions = tool_versions()

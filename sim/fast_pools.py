@@ -188,9 +188,7 @@ def simulate_queued(program: Program, d: np.ndarray, pre: np.ndarray, hold: np.n
             continue
         order = code.argsort(kind="stable")
         rows, idx, fp, t, j = rows[order], idx[order], fp[order], t[order], j[order]
-        a = cnt[0]
-        b1 = a + cnt[1]
-        b2 = b1 + cnt[2]
+        b2 = cnt[0] + cnt[1] + cnt[2]
         c0 = b2 + cnt[3] + cnt[4]
         c1 = c0 + cnt[5]
         r0 = c1 + cnt[6]
@@ -198,36 +196,8 @@ def simulate_queued(program: Program, d: np.ndarray, pre: np.ndarray, hold: np.n
         r2 = r1 + cnt[8]
         core_rows: list[tuple[np.ndarray, ...]] = []
 
-        if a:
-            rr, ff, jj, tt = rows[:a], fp[:a], j[:a], t[:a]
-            fj = jj * bp + ff
-            g = recursion(rr, res_of[jj], tt, hold_f[fj])
-            grant_f[fj] = g
-            move_on(ff, jj, g + hold_f[fj])
-
-        if b2 > a:
-            rr, ff, jj, tt, ii = rows[a:b2], fp[a:b2], j[a:b2], t[a:b2], idx[a:b2]
-            rq = res_of[jj]
-            q = rr * n_res + rq
-            ok = busy[q] < caps[rq]
-            busy[q[ok]] += 1
-            one = ok.copy()
-            one[b1 - a:] = False  # sorted: pool-only asks first, then pool-and-core asks
-            two = ok ^ one
-            if two.any():
-                core_rows.append((rr[two], ff[two], jj[two], tt[two]))
-            if one.any():
-                fo, to = ff[one], tt[one]
-                fj = jj[one] * bp + fo
-                grant_f[fj] = to
-                t_f[fo] = to + hold_f[fj]
-                ph_f[fo] = RELEASE
-            wait = ~ok
-            if wait.any():
-                qw = q[wait]
-                ring[qw * pods + tail[qw] % pods] = ii[wait]
-                tail[qw] += 1
-                t_f[ff[wait]] = INF
+        if b2:  # asks: recursion first, then pools (the order ask_now keeps too)
+            ask_now(rows[:b2], fp[:b2], j[:b2], t[:b2], core_rows)
 
         if r2 > r0:
             rr, ff, jj, tt = rows[r0:r2], fp[r0:r2], j[r0:r2], t[r0:r2]

@@ -1,39 +1,25 @@
 """`chainbench validate` pools several held-out sessions of one scenario and shows their spread.
 
 Pure logic: the "bench" sessions are simulated with the prior and relabelled `source: bench`
-(as in test_sim_calibration), so the pooled figures can be checked against the sessions'
+(test_sim_calibration's `_bench_like`), so the pooled figures can be checked against the sessions'
 own pods."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from reports.schema import load_run
-from scenarios.loader import load_scenario
-from sim.calibration import prior_calibration
-from sim.cli_simulate import settings_for, simulate_scenario
 from sim.validation import main as validate_main
-
-
-def _session(out: Path, scenario: str, seed: int, **overrides) -> Path:
-    sc = replace(load_scenario(scenario), **overrides)
-    for p in simulate_scenario(sc, settings_for(sc, {"seed": seed}), out, progress=None,
-                               cal=prior_calibration()):
-        meta = json.loads((p / "run.json").read_text())
-        meta["source"] = "bench"
-        (p / "run.json").write_text(json.dumps(meta))
-    return out
+from test_sim_calibration import _bench_like
 
 
 @pytest.fixture(scope="module")
 def sessions(tmp_path_factory):
     root = tmp_path_factory.mktemp("sessions")
-    seq = _session(root / "seq", "runc-seq", 21, pods=40)
-    c10 = [_session(root / f"c10-{i}", "runc-c10", 30 + i, pods=30) for i in range(3)]
+    seq = _bench_like(root / "seq", "runc-seq", 21, pods=40)
+    c10 = [_bench_like(root / f"c10-{i}", "runc-c10", 30 + i, pods=30) for i in range(3)]
     return seq, c10
 
 
@@ -55,7 +41,7 @@ def test_sessions_of_one_scenario_are_pooled(sessions, capsys):
         assert p95["spread"] is not None and p95["spread"] >= 0
 
 
-def test_per_run_scores_each_session(sessions, capsys):
+def test_per_run_scores_each_bench_like(sessions, capsys):
     seq, c10 = sessions
     rc = validate_main(["--calibrate-on", str(seq), "--validate-on", *map(str, c10),
                         "--replications", "2", "--threshold", "10", "--per-run"])

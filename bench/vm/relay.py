@@ -30,6 +30,15 @@ TASK_METHODS = ("State", "Create", "Start", "Delete", "Pids", "Pause", "Resume",
 _UNBOUNDED = frozenset({"Wait"})
 
 
+def call_timeout(method: str, ctx: CallContext, default: float) -> float | None:
+    """The deadline to give a relayed call: the caller's, else `default` — except for the
+    methods that legitimately block until something happens in the guest."""
+    timeout = ctx.time_remaining()
+    if timeout is None and method not in _UNBOUNDED:
+        timeout = default
+    return timeout
+
+
 class AgentRelay:
     def __init__(self, vm: MicroVM, *, service: str = TASK_SERVICE,
                  default_timeout: float = 60.0) -> None:
@@ -53,9 +62,7 @@ class AgentRelay:
 
     async def forward(self, method: str, payload: bytes, ctx: CallContext) -> bytes:
         # No retry: a call in flight when the connection dropped may have run in the guest.
-        timeout = ctx.time_remaining()
-        if timeout is None and method not in _UNBOUNDED:
-            timeout = self.default_timeout
+        timeout = call_timeout(method, ctx, self.default_timeout)
         try:
             c = await self.client()
         except (TtrpcError, OSError) as exc:

@@ -129,11 +129,11 @@ class VmShim:
 
     async def _relay(self, method: str, payload: bytes, ctx: CallContext) -> bytes:
         agent = self._agent_or_raise()
-        # A caller without a deadline must not wait forever on a silent agent; only Wait
-        # legitimately blocks (until the process exits).
-        timeout = ctx.time_remaining()
-        if timeout is None and method != "Wait":
-            timeout = _RELAY_DEFAULT_TIMEOUT_S
+        # Imported here, not at the top: bench.vm.relay pulls in the QEMU driver, which the
+        # shim's start-up (the shim.spawn step) need not pay for.
+        from bench.vm.relay import call_timeout
+        # A caller without a deadline must not wait forever on a silent agent.
+        timeout = call_timeout(method, ctx, _RELAY_DEFAULT_TIMEOUT_S)
         try:
             return await agent.call_raw(SERVICE, method, payload, timeout=timeout,
                                         metadata=ctx.metadata)
