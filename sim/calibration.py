@@ -9,7 +9,9 @@ latencies from the spans of sequential (uncontended) runs, CPU fractions from th
 per-pod memory from the slope of the memory table over live pods.
 
 CPU: every process of the testbed (engine, shims, runc, sandboxer, VMMs) shares the node's
-cores, so with complete accounting (bench's `cpu_children_s`, which holds runc) each step that
+cores, which the model serves by processor sharing (`core_sharing = "ps"`, sim.cores: Linux's
+fair scheduler runs every runnable thread at once, slower, rather than one after another), so
+with complete accounting (bench's `cpu_children_s`, which holds runc) each step that
 does CPU work queues on `cores` for its CPU share (see `_cpu_fit`): the share is the CPU
 seconds per pod of the step's role in that phase over the per-pod time of the role's steps.
 Steps of a held pool (the engine's bookkeeping on its one asyncio loop, Sandbox API calls on
@@ -36,6 +38,8 @@ import numpy as np
 import pandas as pd
 
 from sim import prior
+from sim.cores import SHARING
+from sim.pooling import merge_sessions
 from sim.chains import (PER_CONTAINER_CALLS, ChainError, ChainModel, Dist, MemoryItem, Step,
                         default_limit)
 from sim.vocabulary import (CALL_CREATE_CONTAINER, CALL_RUN_POD, CALL_START_CONTAINER,
@@ -57,6 +61,9 @@ class Calibration:
     provenance: str
     chains: dict[str, ChainModel]  # "shim/runc" -> model
     node: dict[str, int] = field(default_factory=lambda: dict(prior.NODE))
+    # How the node's cores serve CPU work (sim.cores): "ps" (processor sharing, the kernel's
+    # fair scheduler) or "fifo" (one step per core in arrival order, the older model).
+    core_sharing: str = "ps"
     base_memory: dict[str, dict[str, int]] = field(default_factory=dict)
     host: dict[str, Any] = field(default_factory=dict)
     sources: list[str] = field(default_factory=list)
@@ -71,7 +78,8 @@ class Calibration:
 
     def to_json(self) -> dict[str, Any]:
         return {"provenance": self.provenance, "created": self.created, "host": self.host,
-                "sources": self.sources, "node": self.node, "base_memory": self.base_memory,
+                "sources": self.sources, "node": self.node, "core_sharing": self.core_sharing,
+                "base_memory": self.base_memory,
                 "chains": {k: m.to_json() for k, m in sorted(self.chains.items())}}
 
     def save(self, path: str | Path) -> Path:
@@ -90,7 +98,12 @@ class Calibration:
             node = {k: int(v) for k, v in dict(d.get("node", prior.NODE)).items()}
         except (KeyError, TypeError, ValueError, ChainError) as exc:
             raise CalibrationError(f"bad calibration: {exc}") from exc
+        sharing = d.get("core_sharing", "ps")
+        if sharing not in SHARING:
+            raise CalibrationError(f"bad calibration: core_sharing must be one of "
+                                   f"{list(SHARING)}, got {sharing!r}")
         return cls(provenance=str(d.get("provenance", "")), chains=chains, node=node,
+                   core_sharing=sharing,
                    base_memory=dict(d.get("base_memory", {})), host=dict(d.get("host", {})),
                    sources=list(d.get("sources", [])), created=str(d.get("created", "")))
 
@@ -234,7 +247,8 @@ DAEMON_ROLES = frozenset({"engine", "sandboxer", "containerd"})
 # cores would make it wait behind runc's bursts, which c10 spans contradict (engine.prepare
 # 3.8 -> 5.4 ms from seq to c10 while task.create goes 40 -> 107 ms); queued FIFO on them
 # (trial on bc88012's rules, v-seq -> v-c10) it made both chains' p95 worse (shim 16 -> 27%,
-# sandbox 16 -> 20%).
+# sandbox 16 -> 20%).  Shared cores do not change that: the CRI framing on them (trial on
+# the pooled v2..v6 sessions) moved the sandbox chain's p50 error from 0.4% to 12%.
 CLIENT_ROLE = "client"
 PRECISE_ROLES = DAEMON_ROLES | {CLIENT_ROLE}
 CLK_TCK = 100  # USER_HZ of /proc/PID/stat on Linux (fixed ABI, whatever the kernel's HZ)
@@ -466,15 +480,26 @@ def calibrate(paths: list[str], base: Calibration | None = None, kind: str = "au
     bases = dict(base.base_memory)
     used: list[str] = []
     host: dict[str, Any] = {}
+    # Several sessions of one chain are fitted together (sim.pooling), never one over another.
+    groups: dict[str, list[Any]] = {}
     for run in runs:
         if run.meta.source != "bench" or run.meta.chain not in MODELLED_CHAINS:
             continue
-        key = f"{run.meta.chain}/{run.meta.flavor}"
+        groups.setdefault(f"{run.meta.chain}/{run.meta.flavor}", []).append(run)
+    for key, group in groups.items():
+        cps = {int(r.meta.containers_per_pod) for r in group}
+        if len(cps) > 1:
+            raise CalibrationError(f"{key}: sessions with different containers per pod "
+                                   f"({sorted(cps)}) cannot be pooled; calibrate them apart")
+        run = merge_sessions(group)
         prior_model = base.chains.get(key) or prior_calibration().chains[key]
         chains[key] = fit_chain(run, prior_model, kind)
+        if len(group) > 1:
+            chains[key] = replace(chains[key], provenance=f"measured: {len(group)} sessions "
+                                  f"pooled: " + ", ".join(str(r.path) for r in group))
         _, b = _memory_items(run, prior_model)
         bases.update(b)
-        used.append(str(run.path))
+        used.extend(str(r.path) for r in group)
         host = host or {"kernel": run.meta.host.kernel, "cpu": run.meta.host.cpu,
                         "cores": run.meta.host.cores, "accel": run.meta.host.accel,
                         "versions": run.meta.host.versions, "commit": run.meta.host.commit}

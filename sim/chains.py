@@ -378,6 +378,9 @@ class Program:
     # Per step: the fraction of the latency it runs on the cores while holding its pool (0:
     # one limit only); nonzero only when both the pool and the cores are contended.
     core_hold: tuple[float, ...] = field(default=())
+    # How the cores serve their steps: "fifo" (one step per core, in arrival order) or "ps"
+    # (processor sharing, as the kernel's fair scheduler does: sim.cores).
+    sharing: str = "fifo"
 
     @property
     def limited(self) -> tuple[int, ...]:
@@ -415,7 +418,7 @@ def stop_sequence(containers: int) -> list[str]:
 
 
 def build_program(model: ChainModel, calls: list[str], capacities: dict[str, int],
-                  max_in_flight: int, prune: bool = True) -> Program:
+                  max_in_flight: int, prune: bool = True, sharing: str = "fifo") -> Program:
     """Concatenate the steps of `calls` (one entry per call instance) and bind limits.
 
     A limit whose capacity is at least the pods that can be in flight on a node can never make
@@ -455,4 +458,4 @@ def build_program(model: ChainModel, calls: list[str], capacities: dict[str, int
             core_hold.append(0.0)
     return Program(steps=tuple(steps), limit_index=tuple(limit_index), limits=tuple(contended),
                    capacities=tuple(capacities[lim] for lim in contended), hold=tuple(hold),
-                   instance=tuple(instance), core_hold=tuple(core_hold))
+                   instance=tuple(instance), core_hold=tuple(core_hold), sharing=sharing)

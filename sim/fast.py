@@ -95,7 +95,7 @@ def simulate_nodes(program: Program, d: np.ndarray, *, concurrency: int | None =
         counter = np.zeros(b, dtype=np.int64)
     if n_lim == 0 and not closed:
         return step_times(program, d, submit, grant)
-    if program.queued_pools:
+    if program.queued_pools or (program.sharing == "ps" and program.core_index >= 0):
         return simulate_queued(program, d, pre, hold, closed=closed, c=c, arrivals=arrivals,
                                t0v=t0v)
 

@@ -17,16 +17,26 @@ its next await (right after engine.prepare the engine forks the shim, or sends t
 sandboxer its Create, before another request's handler runs) — and the reference SimPy model
 (sim.model) orders the two the same way.  A pool the releasing pod is granted at that instant
 is taken at once, but like any holder it asks for its core only when it resumes.
+
+Processor-shared cores (`sharing = "ps"`, sim.cores) run here too, since the end of a step on
+them depends on who arrives later.  Per node: virtual time, its instant, the jobs in, the
+smallest tag and the next departure; per pod its tag.  A stage on the cores alone is a
+two-limit stage whose pool is never short.  A departure is a node event of its own, after
+every pod event of its instant (the reference's order); the node's next pod event, if it comes
+before the next departure, runs in the same iteration.  Arrivals at one instant commute, so a
+node's several arrivals are taken in one call.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from sim.chains import Program
+from sim.cores import advance, due
 from sim.model import INF, NodeTimes, core_hold_ns, step_times
 
-KW, POOL, POOL_CORE = 0, 1, 2  # stage kinds
+KW, POOL, POOL_CORE = 0, 1, 2  # stage kinds (a stage on processor-shared cores: POOL_CORE)
 ASK, CORE, RELEASE = 0, 1, 2  # phases
+CORE_WAIT = 3  # on processor-shared cores: no event of its own (the node's departure is one)
 
 
 def simulate_queued(program: Program, d: np.ndarray, pre: np.ndarray, hold: np.ndarray, *,
@@ -38,14 +48,22 @@ def simulate_queued(program: Program, d: np.ndarray, pre: np.ndarray, hold: np.n
     n_lim = len(lim)
     queued = program.queued_pools
     res_of = np.asarray([program.limit_index[k] for k in lim], dtype=np.int64)
-    kind = np.asarray([(POOL_CORE if program.core_hold[k] > 0 else POOL)
-                       if program.limit_index[k] in queued else KW for k in lim],
+    core = program.core_index
+    ps = program.sharing == "ps" and core >= 0
+    # A stage on processor-shared cores alone is run like a two-limit stage whose pool is
+    # never short (ON_CORES): it asks for its core share at once and holds nothing else.
+    on_cores = [ps and program.limit_index[k] == core for k in lim]
+    kind = np.asarray([POOL_CORE if on_cores[j] else (
+        (POOL_CORE if program.core_hold[k] > 0 else POOL)
+        if program.limit_index[k] in queued else KW) for j, k in enumerate(lim)],
                       dtype=np.int64)
+    bare = np.asarray(on_cores + [False], dtype=bool)  # per stage: no pool around the core part
     chold = np.zeros((n_lim,) + d.shape[1:], dtype=np.int64)
     for j, k in enumerate(lim):
-        if kind[j] == POOL_CORE:
+        if on_cores[j]:
+            chold[j] = hold[j]
+        elif kind[j] == POOL_CORE:
             chold[j] = core_hold_ns(program, d, k)
-    core = program.core_index
     n_res = len(program.capacities)
     caps = np.asarray(program.capacities, dtype=np.int64)
     cmax = max(program.capacities)
@@ -86,6 +104,16 @@ def simulate_queued(program: Program, d: np.ndarray, pre: np.ndarray, hold: np.n
 
     ar_rows = np.arange(b, dtype=np.int64)
     core_of = np.full(b, core, dtype=np.int64)
+    # Processor sharing (sim.cores): per node virtual time, its instant, jobs in, smallest tag
+    # and next departure; per pod its tag (inf: not on the cores).
+    n_cores = program.capacities[core] if core >= 0 else 1
+    ps_v = np.zeros(b, dtype=np.float64)
+    ps_t = t0v.copy() if closed else np.zeros(b, dtype=np.int64)
+    ps_n = np.zeros(b, dtype=np.int64)
+    ps_due = np.full(b, INF, dtype=np.int64)
+    ps_min = np.full(b, np.inf, dtype=np.float64)  # smallest tag of the jobs in
+    tag = np.full((b, pods), np.inf, dtype=np.float64)
+    tag_f = tag.reshape(-1)
     if not closed:
         # Open loop: the tail after the last hold needs no event; INF + an instant < 2**63.
         pre_f[n_lim * bp:] = INF
@@ -106,10 +134,84 @@ def simulate_queued(program: Program, d: np.ndarray, pre: np.ndarray, hold: np.n
 
     def ask_core(rows: np.ndarray, fp: np.ndarray, j: np.ndarray, t: np.ndarray) -> None:
         fj = j * bp + fp
-        g = recursion(rows, core_of[:rows.size], t, chold_f[fj])
-        grant_f[fj] = g
-        t_f[fp] = g + hold_f[fj]
+        if not ps:
+            g = recursion(rows, core_of[:rows.size], t, chold_f[fj])
+            grant_f[fj] = g
+            t_f[fp] = g + hold_f[fj]
+            ph_f[fp] = RELEASE
+            return
+        w = chold_f[fj]
+        zero = w == 0
+        if zero.any():  # no CPU to share: on at once (the reference does not queue it either)
+            core_done(fp[zero], j[zero], t[zero])
+            live = ~zero
+            rows, fp, t, w = rows[live], fp[live], t[live], w[live]
+            if not rows.size:
+                return
+        # A node may arrive here more than once (all at its one current instant): every copy
+        # reads the state before the arrivals, and with dt = 0 the later arrivals would not
+        # move V, so the copies agree and the writes below are the same value.
+        v = advance(ps_v[rows], t - ps_t[rows], ps_n[rows], n_cores)
+        ps_v[rows], ps_t[rows] = v, t
+        tg = v + w
+        tag_f[fp] = tg
+        t_f[fp] = INF
+        ph_f[fp] = CORE_WAIT
+        if rows.size > 1 and np.bincount(rows).max() > 1:
+            np.add.at(ps_n, rows, 1)
+            np.minimum.at(ps_min, rows, tg)
+        else:
+            ps_n[rows] += 1
+            ps_min[rows] = np.minimum(ps_min[rows], tg)
+        ps_due[rows] = due(t, v, ps_min[rows], ps_n[rows], n_cores)
+
+    def core_done(fp: np.ndarray, j: np.ndarray, t: np.ndarray) -> None:
+        """Pods whose CPU part of stage j ended at t: the rest of the pool's hold, or on."""
+        fj = j * bp + fp
+        grant_f[fj] = t - chold_f[fj]
+        t_f[fp] = t + (hold_f[fj] - chold_f[fj])
         ph_f[fp] = RELEASE
+        b0 = bare[j]
+        if b0.any():  # no pool to release: on to the next request
+            move_on(fp[b0], j[b0], t[b0])
+
+    def depart(rows: np.ndarray) -> None:
+        """The cores' next departure of each node in rows (sim.cores.PSCores._fire)."""
+        t = ps_due[rows]
+        v = np.maximum(advance(ps_v[rows], t - ps_t[rows], ps_n[rows], n_cores), ps_min[rows])
+        ps_v[rows], ps_t[rows] = v, t
+        # One gather serves the departures and the next smallest tag.  Nearly always one job
+        # leaves (the smallest tag); two only when their tags lie within the rounding of one
+        # instant, so those are picked up in a loop that rarely runs.
+        mine = tag[rows]
+        k = np.arange(rows.size)
+        first = mine.argmin(axis=1)
+        mine[k, first] = np.inf
+        m = mine.min(axis=1)
+        gone_r, gone_p = [k], [first]
+        more = m <= v
+        while more.any():
+            e = k[more]
+            a = mine[e].argmin(axis=1)
+            mine[e, a] = np.inf
+            gone_r.append(e)
+            gone_p.append(a)
+            m[e] = mine[e].min(axis=1)
+            more[e] = m[e] <= v[e]
+        gone_r_a = np.concatenate(gone_r) if len(gone_r) > 1 else k
+        gone_p_a = np.concatenate(gone_p) if len(gone_p) > 1 else first
+        rr = rows[gone_r_a]
+        fp = rr * pods + gone_p_a
+        tag_f[fp] = np.inf
+        nn = ps_n[rows] - np.bincount(gone_r_a, minlength=rows.size)
+        ps_n[rows] = nn
+        core_done(fp, seg_f[fp], t[gone_r_a])
+        ps_min[rows] = m
+        nxt = np.full(rows.size, INF, dtype=np.int64)
+        busy_r = nn > 0
+        if busy_r.any():
+            nxt[busy_r] = due(t[busy_r], v[busy_r], m[busy_r], nn[busy_r], n_cores)
+        ps_due[rows] = nxt
 
     def move_on(fp: np.ndarray, j: np.ndarray, t_end: np.ndarray) -> None:
         """The pod's hold of stage j ended at t_end: on to its next request (or its end)."""
@@ -139,8 +241,9 @@ def simulate_queued(program: Program, d: np.ndarray, pre: np.ndarray, hold: np.n
         rp, fq, jp, tp = rows[pl], fp[pl], j[pl], t[pl]
         rq = res_of[jp]
         q = rp * n_res + rq
-        ok = busy[q] < caps[rq]
-        busy[q[ok]] += 1
+        # A bare stage on shared cores has no pool to wait for: always "granted".
+        ok = bare[jp] | (busy[q] < caps[rq])
+        busy[q[ok & ~bare[jp]]] += 1
         two = ok & (kind[jp] == POOL_CORE)
         if two.any():
             later.append((rp[two], fq[two], jp[two], tp[two]))
@@ -165,9 +268,32 @@ def simulate_queued(program: Program, d: np.ndarray, pre: np.ndarray, hold: np.n
         rows = rows_all
         fp = row_base + idx
         t = t_f[fp]
+        if ps:
+            # A departure from the shared cores comes after every pod event of its instant
+            # (the reference schedules it at a lower priority than any other event).
+            dep = (ps_due < t) & (ps_due < INF)
+            if dep.any():
+                dr = rows[dep]
+                depart(dr)
+                # Such a node's next pod event runs in this same iteration when it comes
+                # before the node's next departure: the order is the same as one event per
+                # iteration, with far fewer iterations.
+                i2 = t_next[dr].argmin(axis=1)
+                f2 = dr * pods + i2
+                t2 = t_f[f2]
+                idx[dep], fp[dep], t[dep] = i2, f2, t2
+                again = np.zeros(b, dtype=bool)
+                again[dep] = (ps_due[dr] < t2) & (ps_due[dr] < INF)
+                if again.any():
+                    keep = ~again
+                    rows, idx, fp, t = rows[keep], idx[keep], fp[keep], t[keep]
+                    if rows.size == 0:
+                        continue
         if t.max() >= INF:
             act = t < INF
             if not act.any():
+                if ps and (ps_due < INF).any():
+                    continue  # only departures left (in nodes set aside above)
                 break
             rows, idx, fp, t = rows[act], idx[act], fp[act], t[act]
         j = seg_f[fp]
@@ -233,8 +359,13 @@ def simulate_queued(program: Program, d: np.ndarray, pre: np.ndarray, hold: np.n
 
         if c1 > c0:
             core_rows.append((rows[c0:c1], fp[c0:c1], j[c0:c1], t[c0:c1]))
-        for rr, ff, jj, tt in core_rows:
-            ask_core(rr, ff, jj, tt)
+        if ps and len(core_rows) > 1:
+            # Arrivals on shared cores at one instant commute (sim.cores), so one call takes
+            # them all, a node's several arrivals included.
+            ask_core(*(np.concatenate(x) for x in zip(*core_rows)))
+        else:
+            for rr, ff, jj, tt in core_rows:
+                ask_core(rr, ff, jj, tt)
     return step_times(program, d, submit, grant)
 
 

@@ -1,7 +1,8 @@
 """Owns: the node model — the random realisation of step costs and the reference SimPy node.
 
 A node has cores and worker pools (FIFO, one `simpy.Resource` per contended limit) and runs
-pods through a `Program`.  A two-limit step requests its pool, then (still holding it) a core
+pods through a `Program`.  With `sharing = "ps"` the cores are a processor-sharing server
+instead (sim.cores.PSCores): every step on them runs at once, at min(1, cores / n) speed.  A two-limit step requests its pool, then (still holding it) a core
 for its CPU part, so a handler waiting for a core keeps its worker busy.  Time is integer
 nanoseconds so that adding a run of step latencies at once gives exactly the same instant as
 adding them one by one — that is what lets the fast model (sim.fast) fold steps and still
@@ -22,6 +23,7 @@ import numpy as np
 import simpy
 
 from sim.chains import Program
+from sim.cores import PSCores
 
 NS = 1_000_000_000
 # "Never": larger than any simulated instant, small enough that adding a latency cannot overflow.
@@ -125,7 +127,8 @@ def step_times(program: Program, d: np.ndarray, submit: np.ndarray,
 
 def simulate_node_naive(program: Program, d: np.ndarray, *, concurrency: int | None = None,
                         arrivals: np.ndarray | None = None, t0: int = 0) -> NodeTimes:
-    """The reference model: plain SimPy, one process per pod and per step, FIFO resources.
+    """The reference model: plain SimPy, one process per pod and per step, FIFO pools and
+    FIFO or processor-shared cores.
 
     Closed loop (bench's load driver): `concurrency` workers each take the next pod when their
     previous one is done.  Open loop: pod i is submitted at `arrivals[i]` (INF = never).
@@ -141,6 +144,18 @@ def simulate_node_naive(program: Program, d: np.ndarray, *, concurrency: int | N
     lim = program.limit_index
     two = [bool(program.core_hold) and program.core_hold[i] > 0 for i in range(k)]
     cores = program.core_index
+    ps = PSCores(env, program.capacities[cores]) if program.sharing == "ps" and cores >= 0 \
+        else None
+
+    def on_cores(work: int) -> Iterator[simpy.Event]:
+        if ps is not None:
+            if work:  # no CPU, nothing to share: the step goes on at once
+                yield ps.run(work)
+            return
+        with res[cores].request() as creq:
+            yield creq
+            if work:
+                yield env.timeout(work)
 
     def step(p: int, i: int) -> Iterator[simpy.Event]:
         start[i, p] = env.now
@@ -149,15 +164,16 @@ def simulate_node_naive(program: Program, d: np.ndarray, *, concurrency: int | N
             # A pool held for the step; inside it, a core for the CPU part.
             with res[r].request() as req:
                 yield req
-                with res[cores].request() as creq:
-                    yield creq
-                    if ch[i, p]:
-                        yield env.timeout(int(ch[i, p]))
+                yield from on_cores(int(ch[i, p]))
                 if h[i, p] - ch[i, p]:
                     yield env.timeout(int(h[i, p] - ch[i, p]))
             # No hop after the release: like a coroutine that keeps its event loop until its
             # next await, this pod goes on (and asks for its next limit) before the waiter it
             # handed the pool to resumes and asks for its core (the fast model's order too).
+            if d[i, p] - h[i, p]:
+                yield env.timeout(int(d[i, p] - h[i, p]))
+        elif r >= 0 and r == cores and ps is not None:
+            yield from on_cores(int(h[i, p]))
             if d[i, p] - h[i, p]:
                 yield env.timeout(int(d[i, p] - h[i, p]))
         elif r >= 0:  # a queued pool or a recursion limit: the same order as above

@@ -17,6 +17,8 @@
                                   # points) on one node with burst arrival, else 0 (no blocks)
   aggregate = "auto"              # rows | sketch | auto (sketch above 20,000 pods)
   engine = "fast"                 # fast | naive (reference SimPy model; small runs only)
+  core_sharing = "ps"             # ps (processor sharing, as the kernel shares cores) | fifo;
+                                  # default: the calibration's
   [sim.step_ms]                   # what-if median latency of any step, by name
   "task.create" = 10.0
 """
@@ -56,6 +58,7 @@ class SimSettings:
     block: int | None = None
     aggregate: str = "auto"
     engine: str = "fast"
+    core_sharing: str | None = None
     step_ms: dict[str, float] = field(default_factory=dict)
 
     def capacities(self, base: dict[str, int]) -> dict[str, int]:
@@ -71,7 +74,8 @@ class SimSettings:
 
 
 _CHOICES = {"arrival": ("burst", "poisson", "trace"), "placement": ("round_robin", "random"),
-            "aggregate": ("auto", "rows", "sketch"), "engine": ("fast", "naive")}
+            "aggregate": ("auto", "rows", "sketch"), "engine": ("fast", "naive"),
+            "core_sharing": ("ps", "fifo")}
 
 
 def parse_settings(table: dict[str, Any], scenario_path: str = "") -> SimSettings:

@@ -49,3 +49,30 @@ def test_per_run_scores_each_bench_like(sessions, capsys):
     assert rc == 0
     rows = [line for line in out.splitlines() if line.startswith(("shim", "sandbox"))]
     assert len(rows) == 18 and "spread" in out  # 3 sessions x 2 chains x 3 metrics
+
+
+def test_calibration_pools_sessions_instead_of_keeping_the_last(sessions):
+    """Several sequential sessions of one chain are fitted together: every session's pods
+    count, none overwrites another (it did: the last session alone used to win)."""
+    from sim.calibration import CalibrationError, calibrate
+    from sim.vocabulary import CALL_RUN_POD
+
+    seq, c10 = sessions
+    both = calibrate([str(c10[0]), str(c10[1])], kind="empirical")
+    alone = calibrate([str(c10[1])], kind="empirical")
+    assert len(both.sources) == 4 and "2 sessions pooled" in both.chains["shim/runc"].provenance
+    runs = [load_run(d / "shim") for d in c10[:2]]
+    step = "task.create"
+    pooled = np.concatenate([
+        (r.spans[(r.spans["call"] == CALL_RUN_POD) & (r.spans["step"] == step)
+                 & r.spans["pod"].isin(r.pods[(~r.pods["warmup"]) & (r.pods["outcome"] == "ok")]
+                                       ["pod"])]
+         .eval("end_ns - start_ns") / 1e9).to_numpy() for r in runs])
+    fitted = {s.step: s for s in both.model("shim", "runc").steps(CALL_RUN_POD)}[step]
+    lone = {s.step: s for s in alone.model("shim", "runc").steps(CALL_RUN_POD)}[step]
+    assert fitted.dist.median() == pytest.approx(float(np.median(pooled)), rel=0.02)
+    assert fitted.dist.quantiles_s != lone.dist.quantiles_s
+    # sessions that ran different pods cannot be one sample
+    other = _bench_like(seq.parent / "seq2", "runc-seq", 5, pods=10, containers_per_pod=2)
+    with pytest.raises(CalibrationError, match="containers per pod"):
+        calibrate([str(seq), str(other)])
