@@ -112,6 +112,7 @@ def simulate_queued(program: Program, d: np.ndarray, pre: np.ndarray, hold: np.n
     ps_n = np.zeros(b, dtype=np.int64)
     ps_due = np.full(b, INF, dtype=np.int64)
     ps_min = np.full(b, np.inf, dtype=np.float64)  # smallest tag of the jobs in
+    ps_arg = np.zeros(b, dtype=np.int64)  # a pod holding it
     tag = np.full((b, pods), np.inf, dtype=np.float64)
     tag_f = tag.reshape(-1)
     if not closed:
@@ -160,9 +161,13 @@ def simulate_queued(program: Program, d: np.ndarray, pre: np.ndarray, hold: np.n
         if rows.size > 1 and np.bincount(rows).max() > 1:
             np.add.at(ps_n, rows, 1)
             np.minimum.at(ps_min, rows, tg)
+            hit = tg == ps_min[rows]  # any pod holding the smallest tag will do
+            ps_arg[rows[hit]] = fp[hit] - rows[hit] * pods
         else:
             ps_n[rows] += 1
-            ps_min[rows] = np.minimum(ps_min[rows], tg)
+            low = tg < ps_min[rows]
+            ps_min[rows[low]] = tg[low]
+            ps_arg[rows[low]] = fp[low] - rows[low] * pods
         ps_due[rows] = due(t, v, ps_min[rows], ps_n[rows], n_cores)
 
     def core_done(fp: np.ndarray, j: np.ndarray, t: np.ndarray) -> None:
@@ -175,34 +180,36 @@ def simulate_queued(program: Program, d: np.ndarray, pre: np.ndarray, hold: np.n
         if b0.any():  # no pool to release: on to the next request
             move_on(fp[b0], j[b0], t[b0])
 
-    def depart(rows: np.ndarray) -> None:
+    def depart(rows: np.ndarray) -> np.ndarray | None:
         """The cores' next departure of each node in rows (sim.cores.PSCores._fire)."""
         t = ps_due[rows]
         v = np.maximum(advance(ps_v[rows], t - ps_t[rows], ps_n[rows], n_cores), ps_min[rows])
         ps_v[rows], ps_t[rows] = v, t
-        # One gather serves the departures and the next smallest tag.  Nearly always one job
-        # leaves (the smallest tag); two only when their tags lie within the rounding of one
-        # instant, so those are picked up in a loop that rarely runs.
-        mine = tag[rows]
+        # Nearly always one job leaves (the smallest tag, whose pod is known); two only when
+        # their tags lie within the rounding of one instant, so those are picked up in a
+        # loop that rarely runs.  One gather of the node's tags finds the next smallest.
         k = np.arange(rows.size)
-        first = mine.argmin(axis=1)
-        mine[k, first] = np.inf
-        m = mine.min(axis=1)
+        first = ps_arg[rows]
+        tag_f[rows * pods + first] = np.inf
+        mine = tag[rows]
+        a = mine.argmin(axis=1)
+        m = mine[k, a]
         gone_r, gone_p = [k], [first]
         more = m <= v
         while more.any():
             e = k[more]
-            a = mine[e].argmin(axis=1)
-            mine[e, a] = np.inf
             gone_r.append(e)
-            gone_p.append(a)
-            m[e] = mine[e].min(axis=1)
+            gone_p.append(a[e])
+            mine[e, a[e]] = np.inf
+            tag_f[rows[e] * pods + a[e]] = np.inf
+            a[e] = mine[e].argmin(axis=1)
+            m[e] = mine[e, a[e]]
             more[e] = m[e] <= v[e]
+        ps_arg[rows] = a
         gone_r_a = np.concatenate(gone_r) if len(gone_r) > 1 else k
         gone_p_a = np.concatenate(gone_p) if len(gone_p) > 1 else first
         rr = rows[gone_r_a]
         fp = rr * pods + gone_p_a
-        tag_f[fp] = np.inf
         nn = ps_n[rows] - np.bincount(gone_r_a, minlength=rows.size)
         ps_n[rows] = nn
         core_done(fp, seg_f[fp], t[gone_r_a])
@@ -212,6 +219,7 @@ def simulate_queued(program: Program, d: np.ndarray, pre: np.ndarray, hold: np.n
         if busy_r.any():
             nxt[busy_r] = due(t[busy_r], v[busy_r], m[busy_r], nn[busy_r], n_cores)
         ps_due[rows] = nxt
+        return fp if gone_r_a.size == rows.size else None
 
     def move_on(fp: np.ndarray, j: np.ndarray, t_end: np.ndarray) -> None:
         """The pod's hold of stage j ended at t_end: on to its next request (or its end)."""
@@ -274,12 +282,21 @@ def simulate_queued(program: Program, d: np.ndarray, pre: np.ndarray, hold: np.n
             dep = (ps_due < t) & (ps_due < INF)
             if dep.any():
                 dr = rows[dep]
-                depart(dr)
+                left = depart(dr)
                 # Such a node's next pod event runs in this same iteration when it comes
                 # before the node's next departure: the order is the same as one event per
-                # iteration, with far fewer iterations.
-                i2 = t_next[dr].argmin(axis=1)
-                f2 = dr * pods + i2
+                # iteration, with far fewer iterations.  Only the pod that left has a new
+                # event, so the next one is the earlier of it and the one found above (ties:
+                # lowest pod, as argmin) — unless two left at once (rare): search again.
+                if left is None:
+                    i2 = t_next[dr].argmin(axis=1)
+                    f2 = dr * pods + i2
+                else:
+                    f_old, t_old = fp[dep], t[dep]
+                    t_new = t_f[left]
+                    new = (t_new < t_old) | ((t_new == t_old) & (left < f_old))
+                    f2 = np.where(new, left, f_old)
+                    i2 = f2 - dr * pods
                 t2 = t_f[f2]
                 idx[dep], fp[dep], t[dep] = i2, f2, t2
                 again = np.zeros(b, dtype=bool)

@@ -31,11 +31,13 @@ def _run(scenario, settings, chain, info):
     return run
 
 
+@pytest.mark.parametrize("sharing", ["ps", "fifo"])
 @pytest.mark.parametrize("chain", ["shim", "sandbox"])
-def test_bench_fast_100k_pod_burst(benchmark, chain):
-    """100,000 pods: 1,000 nodes x 100 pods, every pod of a node at once (cluster-1m's shape)."""
+def test_bench_fast_100k_pod_burst(benchmark, chain, sharing):
+    """100,000 pods: 1,000 nodes x 100 pods, every pod of a node at once (cluster-1m's shape);
+    processor-shared cores (the model's default) against FIFO cores (what sharing costs)."""
     sc = load_scenario("cluster-1m")
-    st = settings_for(sc, {"nodes": 1000})
+    st = settings_for(sc, {"nodes": 1000, "core_sharing": sharing})
     run = benchmark.pedantic(_run, args=(sc, st, chain, benchmark.extra_info), rounds=1,
                              iterations=1)
     assert run.total_pods == 100_000
