@@ -277,6 +277,14 @@ HELD_POOLS = frozenset({"engine_workers", "sandboxer_workers", "vmm_boots"})
 # the engine loop's work, and a short wake-up that the kernel runs within its slice rather
 # than behind runc's tens-of-ms bursts: their share is recorded, not queued on the cores.
 PROMPT_STEPS = frozenset({"cri.recv", "cri.reply"})
+# ACCEPT_RULE.  cri.recv is the client-observed time from the load driver's send to the engine's
+# handler: the driver's own work on the call, then the engine loop's accept of it (gRPC's
+# request handling runs on the engine's one asyncio loop).  So its last part, the time the
+# driver's CPU per call (cpu role "client") does not cover, holds the engine loop and a core
+# (Step.wait_first: the travel comes first).  Runs at c10 show why it matters: a block's
+# RunPodSandbox calls reach their handlers one after another (cri.recv spans 4-8 ms apart in
+# the sandbox chain, ~17 ms in the shim chain), not all at once.  Taking the loop for the
+# whole of cri.recv instead shifts every pod up (sandbox p50 +31%, pooled v2..v6 trial).
 
 
 @dataclass(frozen=True)
@@ -416,12 +424,22 @@ def _memory_items(run: Any, base: ChainModel) -> tuple[list[MemoryItem], dict[st
     return items, bases
 
 
+def _client_cpu_per_call(run: Any) -> float | None:
+    """The load driver's CPU seconds per CRI call of the start phase (cpu role "client"), or
+    None when the run did not record it."""
+    if run.cpu.empty or CLIENT_ROLE not in set(run.cpu["role"]):
+        return None
+    calls = len(run.pods) * (1 + 2 * max(int(run.meta.containers_per_pod), 0))
+    return float(run.cpu.loc[run.cpu["role"] == CLIENT_ROLE, "cpu_s"].sum()) / max(calls, 1)
+
+
 def fit_chain(run: Any, base: ChainModel, kind: str = "auto") -> ChainModel:
     """A chain model with the step list and costs seen in one bench run."""
     samples = _step_samples(run.spans, run.pods, int(run.meta.containers_per_pod))
     if CALL_RUN_POD not in samples:
         raise CalibrationError(f"{run.path}: no {CALL_RUN_POD} spans of ok, non-warm-up pods")
     fit = _cpu_fit(run, base, samples)
+    client_call = _client_cpu_per_call(run)
     calls: dict[str, tuple[Step, ...]] = {}
     for call in CALLS:
         if call not in samples:
@@ -444,7 +462,15 @@ def fit_chain(run: Any, base: ChainModel, kind: str = "auto") -> ChainModel:
             # it no step's CPU share is, so the chain's limits and holds stay.
             measured = fit.fraction.get((call, step)) if fit.with_children else None
             cores = 0.0
-            if measured is not None and comp == "engine" and step in PROMPT_STEPS:
+            first = False
+            if (measured is not None and comp == "engine" and step == "cri.recv"
+                    and client_call is not None and float(np.mean(d)) > 0):
+                # The call's travel, then the engine loop's accept (ACCEPT_RULE).
+                frac, lim, first = measured, "engine_workers", True
+                hold = cores = max(1.0 - client_call / float(np.mean(d)), 0.0)
+                if hold == 0.0:
+                    lim, hold, cores, first = None, 1.0, 0.0, False
+            elif measured is not None and comp == "engine" and step in PROMPT_STEPS:
                 # CRI framing keeps the chain's shape (no limit): its CPU is counted, but it
                 # does not queue behind other processes' bursts.
                 frac, hold = measured, 1.0
@@ -461,7 +487,8 @@ def fit_chain(run: Any, base: ChainModel, kind: str = "auto") -> ChainModel:
                 frac = fit.role_fraction.get(_ROLE_OF.get(comp, ""), p.cpu if p else 0.5)
                 hold = (p.hold if p is not None else frac) if lim == "cores" else 1.0
             out.append(Step(call=call, step=step, component=comp, dist=fit_dist(d, kind),
-                            cpu=frac, limit=lim, hold=hold, cores=cores if cores > 0 else 0.0))
+                            cpu=frac, limit=lim, hold=hold, cores=cores if cores > 0 else 0.0,
+                            wait_first=first))
         calls[call] = tuple(out)
     items, _ = _memory_items(run, base)
     return replace(base, calls=calls, memory=tuple(items), provenance=f"measured: {run.path}")

@@ -137,6 +137,9 @@ class Step:
     # With a pool as `limit`: the fraction of the latency spent on the node's cores, queued for
     # once the pool is granted and held inside the pool's hold (0: the pool only).
     cores: float = 0.0
+    # The free part (1 - hold) comes before the step asks for its limit, not after it: a CRI
+    # call travels from the client before the engine's loop takes it.
+    wait_first: bool = False
 
     def __post_init__(self) -> None:
         check_step(self.step)
@@ -165,6 +168,8 @@ class Step:
                "cpu": self.cpu, "limit": self.limit, "hold": self.hold}
         if self.cores:
             out["cores"] = self.cores
+        if self.wait_first:
+            out["wait_first"] = True
         return out
 
     @classmethod
@@ -172,7 +177,8 @@ class Step:
         return cls(call=call, step=s["step"], component=s["component"],
                    dist=Dist.from_json(s["dist"]), cpu=float(s.get("cpu", 0)),
                    limit=s.get("limit"), hold=float(s.get("hold", 1.0)),
-                   cores=float(s.get("cores", 0.0)))
+                   cores=float(s.get("cores", 0.0)),
+                   wait_first=bool(s.get("wait_first", False)))
 
 
 @dataclass(frozen=True)
@@ -381,6 +387,8 @@ class Program:
     # How the cores serve their steps: "fifo" (one step per core, in arrival order) or "ps"
     # (processor sharing, as the kernel's fair scheduler does: sim.cores).
     sharing: str = "fifo"
+    # Per step: its free part comes before its limit (Step.wait_first).
+    wait_first: tuple[bool, ...] = field(default=())
 
     @property
     def limited(self) -> tuple[int, ...]:
@@ -458,4 +466,6 @@ def build_program(model: ChainModel, calls: list[str], capacities: dict[str, int
             core_hold.append(0.0)
     return Program(steps=tuple(steps), limit_index=tuple(limit_index), limits=tuple(contended),
                    capacities=tuple(capacities[lim] for lim in contended), hold=tuple(hold),
-                   instance=tuple(instance), core_hold=tuple(core_hold), sharing=sharing)
+                   instance=tuple(instance), core_hold=tuple(core_hold), sharing=sharing,
+                   wait_first=tuple(s.wait_first and r >= 0
+                                    for s, r in zip(steps, limit_index)))

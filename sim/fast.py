@@ -45,13 +45,16 @@ def _segments(program: Program, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     pre = np.zeros((n_lim + 1,) + shape, dtype=np.int64)
     hold = np.empty((max(n_lim, 1),) + shape, dtype=np.int64)
     j = 0
+    first = program.wait_first or (False,) * d.shape[0]
     for k in range(d.shape[0]):
         if j < n_lim and lim[j] == k:
             hold[j] = hold_ns(program, d, k)
+            # the free part of a contended step is free time before its own request
+            # (wait-first) or before the next one
+            w = j if first[k] else j + 1
+            np.add(pre[w], d[k], out=pre[w])
+            np.subtract(pre[w], hold[j], out=pre[w])
             j += 1
-            # the waiting tail of a contended step is free time before the next request
-            np.add(pre[j], d[k], out=pre[j])
-            np.subtract(pre[j], hold[j - 1], out=pre[j])
         else:
             np.add(pre[j], d[k], out=pre[j])
     return pre, hold

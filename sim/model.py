@@ -110,10 +110,12 @@ def step_times(program: Program, d: np.ndarray, submit: np.ndarray,
     end = np.empty(d.shape, dtype=np.int64)
     cur = submit.astype(np.int64, copy=True)
     j = 0
+    first = program.wait_first or (False,) * len(program.limit_index)
     for k, r in enumerate(program.limit_index):
         start[k] = cur
         if r >= 0:
-            np.add(grant[j], d[k], out=end[k])
+            # a wait-first step ends when it lets go of its limit (its free part came first)
+            np.add(grant[j], hold_ns(program, d, k) if first[k] else d[k], out=end[k])
             j += 1
         else:
             np.add(cur, d[k], out=end[k])
@@ -157,10 +159,29 @@ def simulate_node_naive(program: Program, d: np.ndarray, *, concurrency: int | N
             if work:
                 yield env.timeout(work)
 
+    first = program.wait_first or (False,) * k
+
     def step(p: int, i: int) -> Iterator[simpy.Event]:
         start[i, p] = env.now
         r = lim[i]
-        if r >= 0 and two[i]:
+        if r >= 0 and first[i]:
+            # The free part first, then the limit; the step ends when it lets go of it.
+            if d[i, p] - h[i, p]:
+                yield env.timeout(int(d[i, p] - h[i, p]))
+            if two[i]:
+                with res[r].request() as req:
+                    yield req
+                    yield from on_cores(int(ch[i, p]))
+                    if h[i, p] - ch[i, p]:
+                        yield env.timeout(int(h[i, p] - ch[i, p]))
+            elif r == cores and ps is not None:
+                yield from on_cores(int(h[i, p]))
+            else:
+                with res[r].request() as req:
+                    yield req
+                    if h[i, p]:
+                        yield env.timeout(int(h[i, p]))
+        elif r >= 0 and two[i]:
             # A pool held for the step; inside it, a core for the CPU part.
             with res[r].request() as req:
                 yield req

@@ -83,10 +83,20 @@ def _two_limit(model):
     return replace(model, calls=calls)
 
 
+def _accept_first(model):
+    """cri.recv as the calibration's ACCEPT_RULE makes it: travel, then the engine loop."""
+    from dataclasses import replace
+
+    calls = {c: tuple(replace(s, limit="engine_workers", hold=0.4, cores=0.4, wait_first=True)
+                      if s.step == "cri.recv" else s for s in steps)
+             for c, steps in model.calls.items()}
+    return replace(model, calls=calls)
+
+
 def _ps_programs(chain, flavor, boot, calls, in_flight, node=None, two=False):
     model = CAL.model(chain, flavor, boot)
     if two:
-        model = _two_limit(model)
+        model = _accept_first(_two_limit(model))
     caps = node or CAL.node
     return (build_program(model, calls, caps, in_flight, prune=True, sharing="ps"),
             build_program(model, calls, caps, in_flight, prune=False, sharing="ps"))
@@ -117,6 +127,22 @@ def test_ps_closed_loop_fast_equals_naive(chain, flavor, boot, two, conc, pods, 
     for n in range(3):
         _assert_same(got, simulate_node_naive(naive, d[:, n], concurrency=conc), n)
     assert (got.done < INF).all()
+    if two:
+        assert any(naive.wait_first)
+
+
+def test_wait_first_step_ends_when_it_lets_go():
+    """A wait-first step's free part comes before its limit; it ends at the release."""
+    model = _accept_first(CAL.model("sandbox", "runc", "restore"))
+    node = {"cores": 2, "engine_workers": 1, "sandboxer_workers": 1, "vmm_boots": 1}
+    prog = build_program(model, start_sequence(1), node, 1, prune=False, sharing="ps")
+    d = draw_nodes(prog, seed=3, chain="sandbox", flavor="runc", phase=0, lo=0, hi=1, pods=1)
+    t = simulate_nodes(prog, d, concurrency=1)
+    k = next(i for i, s in enumerate(prog.steps) if s.step == "cri.recv")
+    # alone on the node: the step lasts its latency, as any step does
+    assert t.end[k, 0, 0] - t.start[k, 0, 0] == d[k, 0, 0]
+    ref = simulate_node_naive(prog, d[:, 0], concurrency=1)
+    assert np.array_equal(ref.end, t.end[:, 0])
 
 
 def test_ps_open_loop_and_stop_phase_equal_naive():
@@ -168,7 +194,7 @@ def test_ps_golden_realisation_digest():
     assert digest == GOLDEN_PS, digest
 
 
-GOLDEN_PS = "377bfc5f6b6a5821"
+GOLDEN_PS = "237257edee422c14"
 
 
 def test_core_sharing_setting_and_calibration_field():

@@ -76,3 +76,36 @@ def test_calibration_pools_sessions_instead_of_keeping_the_last(sessions):
     other = _bench_like(seq.parent / "seq2", "runc-seq", 5, pods=10, containers_per_pod=2)
     with pytest.raises(CalibrationError, match="containers per pod"):
         calibrate([str(seq), str(other)])
+
+
+def test_accept_rule_puts_the_end_of_cri_recv_on_the_engine_loop(sessions):
+    """The time the load driver's CPU per call does not cover holds the engine loop and a
+    core, after the call's travel (calibration's ACCEPT_RULE); without the driver's CPU
+    recorded, cri.recv stays free."""
+    import pandas as pd
+
+    from sim.calibration import fit_chain, prior_calibration
+    from sim.vocabulary import CALL_RUN_POD
+
+    seq, _ = sessions
+    run = load_run(seq / "shim")
+    base = prior_calibration().chains["shim/runc"]
+    plain = {s.step: s for s in fit_chain(run, base).steps(CALL_RUN_POD)}["cri.recv"]
+    assert plain.limit is None and not plain.wait_first
+    sp = run.spans
+    ok = run.pods[(~run.pods["warmup"]) & (run.pods["outcome"] == "ok")]
+    recv = sp[(sp["call"] == CALL_RUN_POD) & (sp["step"] == "cri.recv")
+              & sp["pod"].isin(ok["pod"])]
+    mean_s = float(((recv["end_ns"] - recv["start_ns"]) / 1e9).mean())
+    per_call = 0.3 * mean_s
+    calls = len(run.pods) * (1 + 2 * int(run.meta.containers_per_pod))
+    cpu = pd.concat([run.cpu, pd.DataFrame([{"role": "client", "pid": 1,
+                                             "cpu_s": per_call * calls,
+                                             "cpu_children_s": 0.0}])], ignore_index=True)
+    from dataclasses import replace
+    fitted = {s.step: s for s in fit_chain(replace(run, cpu=cpu), base).steps(CALL_RUN_POD)}
+    got = fitted["cri.recv"]
+    assert got.limit == "engine_workers" and got.wait_first
+    # the driver covers ~30% of the call's mean cri.recv (span plus the client gap folded in)
+    assert 0.55 < got.hold < 0.75
+    assert got.cores == got.hold
