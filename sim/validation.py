@@ -48,14 +48,20 @@ class Score:
 
     @property
     def error(self) -> float | None:
+        b = self.bias
+        return None if b is None else abs(b)
+
+    @property
+    def bias(self) -> float | None:
+        """Signed relative error: > 0 when the model predicts more than was measured."""
         if self.measured in (None, 0) or self.predicted is None:
             return None
-        return abs(self.predicted - self.measured) / abs(self.measured)
+        return (self.predicted - self.measured) / abs(self.measured)
 
     def to_json(self) -> dict[str, Any]:
         return {"chain": self.chain, "flavor": self.flavor, "run": self.run,
                 "metric": self.metric, "measured": self.measured,
-                "predicted": self.predicted, "error": self.error,
+                "predicted": self.predicted, "error": self.error, "bias": self.bias,
                 "sessions": self.sessions, "spread": self.spread}
 
 
@@ -165,10 +171,10 @@ def render(scores: list[Score], threshold: float) -> str:
             "verdict"]
     rows = [head]
     for s in scores:
-        err = s.error
+        err, bias = s.error, s.bias
         rows.append([s.chain, s.flavor, s.metric, str(s.sessions), _fmt(s.measured),
                      "-" if s.spread is None else f"{s.spread * 100:.0f}%", _fmt(s.predicted),
-                     "-" if err is None else f"{err * 100:.1f}%",
+                     "-" if bias is None else f"{bias * 100:+.1f}%",
                      "-" if err is None else ("ok" if err <= threshold else "FAIL")])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
