@@ -27,7 +27,7 @@ from sim.scenario_model import SimSettings
 from sim.sketch import LogHistogram
 
 ROWS_LIMIT = 20_000  # pods; above it (aggregate = auto) keep histograms, not rows
-BATCH_PODS = 131_072  # pods per fast batch: bounds memory (~60 bytes x steps per pod)
+BATCH_PODS = 262_144  # pods per fast batch: bounds memory (~60 bytes x steps per pod)
 MIB = 1024 * 1024
 
 
