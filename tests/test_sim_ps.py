@@ -14,6 +14,7 @@ from sim.cores import PSCores, advance, due
 from sim.fast import simulate_nodes
 from sim.model import INF, draw_nodes, simulate_node_naive
 from sim.scenario_model import SettingsError, parse_settings
+from test_sim_fast import _assert_same, _two_limit
 
 CAL = prior_calibration()
 MS = 1_000_000
@@ -74,15 +75,6 @@ def test_scalar_and_array_arithmetic_give_the_same_bits():
                    for i in range(0, 2000, 7))
 
 
-def _two_limit(model):
-    from dataclasses import replace
-
-    pools = {"engine_workers", "sandboxer_workers", "vmm_boots"}
-    calls = {c: tuple(replace(s, cores=s.cpu * s.hold) if s.limit in pools else s
-                      for s in steps) for c, steps in model.calls.items()}
-    return replace(model, calls=calls)
-
-
 def _accept_first(model):
     """cri.recv as the calibration's ACCEPT_RULE makes it: travel, then the engine loop."""
     from dataclasses import replace
@@ -100,12 +92,6 @@ def _ps_programs(chain, flavor, boot, calls, in_flight, node=None, two=False):
     caps = node or CAL.node
     return (build_program(model, calls, caps, in_flight, prune=True, sharing="ps"),
             build_program(model, calls, caps, in_flight, prune=False, sharing="ps"))
-
-
-def _assert_same(fast_t, naive_t, node: int) -> None:
-    assert np.array_equal(fast_t.submit[node], naive_t.submit)
-    assert np.array_equal(fast_t.start[:, node], naive_t.start)
-    assert np.array_equal(fast_t.end[:, node], naive_t.end)
 
 
 @pytest.mark.parametrize("chain,flavor,boot", [
