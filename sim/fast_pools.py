@@ -28,6 +28,8 @@ node's several arrivals are taken in one call.
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from sim.chains import Program
@@ -405,17 +407,19 @@ def simulate_queued(program: Program, d: np.ndarray, pre: np.ndarray, hold: np.n
     return step_times(program, d, submit, grant)
 
 
-_SCRATCH: list[np.ndarray] = []
+_SCRATCH = threading.local()
 
 
 def _scratch(shape: tuple[int, ...]) -> np.ndarray:
-    """An int64 work array of `shape`, reusing one buffer per process: a cluster runs batch
+    """An int64 work array of `shape`, reusing one buffer per thread: a cluster runs batch
     after batch of one size, and first-touch page faults of a fresh 40 MB array cost more on
-    this VM than filling it (~0.1 s a batch).  Its contents are garbage: the caller fills it."""
+    this VM than filling it (~0.1 s a batch).  Per thread, because a Dask worker runs several
+    simulations at once in one process.  Its contents are garbage: the caller fills it."""
     n = int(np.prod(shape))
-    if not _SCRATCH or _SCRATCH[0].size < n:
-        _SCRATCH[:] = [np.empty(n, dtype=np.int64)]
-    return _SCRATCH[0][:n].reshape(shape)
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.size < n:
+        buf = _SCRATCH.buf = np.empty(n, dtype=np.int64)
+    return buf[:n].reshape(shape)
 
 
 def _finish(dn: np.ndarray, rows: np.ndarray, idx: np.ndarray, t: np.ndarray,

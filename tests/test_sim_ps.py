@@ -195,3 +195,24 @@ def test_core_sharing_setting_and_calibration_field():
     assert Calibration.from_json(old).core_sharing == "ps"
     with pytest.raises(CalibrationError, match="core_sharing"):
         Calibration.from_json(dict(data, core_sharing="lifo"))
+
+
+def test_simulations_in_threads_do_not_share_work_arrays():
+    """A Dask worker runs several simulations at once in threads of one process: the fast
+    path's reused work buffer must be per thread (it was per process, and a sweep broke)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = []
+    for i, (chain, pods) in enumerate([("shim", 40), ("sandbox", 30), ("shim", 25),
+                                       ("sandbox", 45)]):
+        fast, naive = _ps_programs(chain, "runc", "restore", start_sequence(1), 10, two=True)
+        d = draw_nodes(naive, seed=20 + i, chain=chain, flavor="runc", phase=0, lo=0, hi=8,
+                       pods=pods)
+        jobs.append((fast, d))
+    alone = [simulate_nodes(p, d, concurrency=10).end for p, d in jobs]
+    with ThreadPoolExecutor(4) as ex:
+        for _ in range(3):
+            together = list(ex.map(lambda job: simulate_nodes(job[0], job[1],
+                                                              concurrency=10).end, jobs))
+            for a, b in zip(alone, together):
+                assert np.array_equal(a, b)
