@@ -109,3 +109,40 @@ def test_accept_rule_puts_the_end_of_cri_recv_on_the_engine_loop(sessions):
     # the driver covers ~30% of the call's mean cri.recv (span plus the client gap folded in)
     assert 0.55 < got.hold < 0.75
     assert got.cores == got.hold
+
+
+def test_handler_rule_holds_the_sandboxer_loop_for_the_handler_and_half_the_rest(sessions):
+    """A Sandbox API call traced on both sides (engine client span around the sandboxer's
+    handler span): the sandboxer's loop is held for the handler's share plus half of the rest
+    (calibration's HANDLER_RULE); traced on one side only, for the whole call."""
+    from dataclasses import replace
+
+    import pandas as pd
+
+    from sim.calibration import fit_chain, prior_calibration
+    from sim.vocabulary import CALL_RUN_POD
+
+    seq, _ = sessions
+    run = load_run(seq / "sandbox")
+    run = replace(run, cpu=run.cpu.assign(cpu_children_s=0.0))  # as bench records it
+    base = prior_calibration().chains["sandbox/runc"]
+    one_side = {s.step: s for s in fit_chain(run, base).steps(CALL_RUN_POD)}["sandbox.create"]
+    assert one_side.limit == "sandboxer_workers" and one_side.hold == 1.0
+    sp = run.spans
+    outer = sp[(sp["call"] == CALL_RUN_POD) & (sp["step"] == "sandbox.create")].copy()
+    inner = outer.copy()
+    length = inner["end_ns"] - inner["start_ns"]
+    inner["start_ns"] = inner["start_ns"] + (length * 0.3).astype("int64")
+    inner["end_ns"] = inner["start_ns"] + (length * 0.4).astype("int64")
+    outer["component"] = "engine"
+    rest = sp.drop(outer.index)
+    both = replace(run, spans=pd.concat([rest, outer, inner], ignore_index=True))
+    got = {s.step: s for s in fit_chain(both, base).steps(CALL_RUN_POD)}["sandbox.create"]
+    assert got.limit == "sandboxer_workers"
+    assert got.hold == pytest.approx(0.4 + 0.6 / 2, abs=0.01)
+    assert 0 < got.cores <= got.hold
+    # microVMs keep the whole call: there a handler awaits its VM, off the loop
+    vm = replace(both, meta=replace(both.meta, flavor="microvm"))
+    base_vm = prior_calibration().chains["sandbox/microvm"]
+    held = {s.step: s for s in fit_chain(vm, base_vm).steps(CALL_RUN_POD)}["sandbox.create"]
+    assert held.hold == 1.0
