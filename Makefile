@@ -76,7 +76,8 @@ validation: setup
 		$(CB) bench runc-seq --chain shim,sandbox --out results/validation/seq-$$i && \
 		$(CB) bench runc-c10 --chain shim,sandbox --out results/validation/c10-$$i || exit 1; \
 	done
-	$(CB) validate --calibrate-on results/validation/seq-* --validate-on results/validation/c10-*
+	$(CB) validate --calibrate-on results/validation/seq-* --validate-on results/validation/c10-* \
+		--plot results/validation/validation.png
 
 protos: venv
 	$(CB) protogen

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from reports.schema import Run, RunMeta, SchemaError, conform, load_runs
 from reports.summary import _pct, summarize
@@ -108,9 +109,10 @@ def scenario_of(meta: RunMeta, pods: int) -> tuple[Scenario, int | None]:
     return sc, (int(block) if isinstance(block, int) else None)
 
 
-def predict(run: Run, cal: Calibration, replications: int = 20,
-            seed: int = 1) -> dict[str, float | None]:
-    """Mean predicted figures for a bench run over `replications` seeds."""
+def predict(run: Run, cal: Calibration, replications: int = 20, seed: int = 1,
+            keep: list[pd.DataFrame] | None = None) -> dict[str, float | None]:
+    """Mean predicted figures for a bench run over `replications` seeds; with `keep`, every
+    seed's simulated pods are appended to it (for the figure)."""
     scenario, block = scenario_of(run.meta, max(len(run.pods), 1))
     acc: dict[str, list[float]] = {m: [] for m in METRICS}
     for r in range(replications):
@@ -124,11 +126,16 @@ def predict(run: Run, cal: Calibration, replications: int = 20,
         for k, v in _figures(summarize(sim_run)).items():
             if v is not None:
                 acc[k].append(float(v))
+        if keep is not None:
+            keep.append(sim_run.pods.assign(pod=f"seed{seed + r}/" + sim_run.pods["pod"]))
     return {k: (round(float(np.mean(v)), 3) if v else None) for k, v in acc.items()}
 
 
 def validate(calibrate_on: list[str], validate_on: list[str], replications: int = 20,
-             seed: int = 1, pool: bool = True) -> tuple[Calibration, list[Score]]:
+             seed: int = 1, pool: bool = True,
+             curves: list[Run] | None = None) -> tuple[Calibration, list[Score]]:
+    """Scores of every held-out group; with `curves`, the pooled measured and predicted pods
+    of each group are appended to it as runs (source bench / sim) for `figure`."""
     cal = calibrate(calibrate_on)
     try:
         runs = load_runs(validate_on)
@@ -153,7 +160,13 @@ def validate(calibrate_on: list[str], validate_on: list[str], replications: int 
               f"({len(run.pods)} pods, concurrency {run.meta.concurrency}"
               f"{f', {len(group)} sessions pooled' if len(group) > 1 else ''}) over "
               f"{replications} seeds", file=sys.stderr, flush=True)
-        predicted = predict(run, cal, replications, seed)
+        kept: list[pd.DataFrame] | None = [] if curves is not None else None
+        predicted = predict(run, cal, replications, seed, kept)
+        if curves is not None and kept:
+            curves.append(_pooled_run(group, "bench", pd.concat(
+                [r.pods.assign(pod=f"s{i}/" + r.pods["pod"]) for i, r in enumerate(group)],
+                ignore_index=True)))
+            curves.append(_pooled_run(group, "sim", pd.concat(kept, ignore_index=True)))
         where = str(run.path) if len(group) == 1 else f"{len(group)} sessions: " + ", ".join(
             str(r.path) for r in group)
         for m in METRICS:
@@ -164,6 +177,24 @@ def validate(calibrate_on: list[str], validate_on: list[str], replications: int 
         raise CalibrationError(f"no bench runs of chains {list(MODELLED_CHAINS)} to validate "
                                f"under {validate_on}")
     return cal, scores
+
+
+def _pooled_run(group: list[Run], source: str, pods: pd.DataFrame) -> Run:
+    m = group[0].meta
+    meta = RunMeta(scenario=m.scenario, source=source, chain=m.chain, flavor=m.flavor,
+                   concurrency=m.concurrency)
+    return Run(path=group[0].path, meta=meta, pods=conform("pods", pods),
+               spans=conform("spans", None), memory=conform("memory", None),
+               cpu=conform("cpu", None))
+
+
+def figure(curves: list[Run], path: str) -> str:
+    """RunPodSandbox CDFs, measured (pooled sessions) against predicted (pooled seeds)."""
+    from reports.figures import latency_cdf, save
+
+    scen = ", ".join(sorted({r.meta.scenario for r in curves}))
+    fig = latency_cdf(curves, title=f"{scen}: measured (bench, pooled) vs model (sim)")
+    return str(save(fig, path))
 
 
 def render(scores: list[Score], threshold: float) -> str:
@@ -200,17 +231,26 @@ def main(argv: list[str]) -> int:
                     help="score every held-out session alone instead of pooling the sessions "
                          "of one scenario and chain")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ap.add_argument("--plot", metavar="PNG",
+                    help="also draw the measured and predicted RunPodSandbox CDFs into PNG")
     ns = ap.parse_args(argv)
     if ns.threshold <= 0 or ns.replications < 1:
         print("chainbench validate: --threshold must be > 0 and --replications >= 1",
               file=sys.stderr)
         return 2
+    curves: list[Run] | None = [] if ns.plot else None
     try:
         _, scores = validate(ns.calibrate_on, ns.validate_on, ns.replications, ns.seed,
-                             pool=not ns.per_run)
+                             pool=not ns.per_run, curves=curves)
     except INPUT_ERRORS as exc:
         print(f"chainbench validate: {exc}", file=sys.stderr)
         return 2
+    if ns.plot and curves:
+        try:
+            print(f"validate: figure {figure(curves, ns.plot)}", file=sys.stderr)
+        except (OSError, ValueError) as exc:
+            print(f"chainbench validate: cannot draw {ns.plot}: {exc}", file=sys.stderr)
+            return 2
     failed = [s for s in scores if s.error is not None and s.error > ns.threshold]
     unscored = [s for s in scores if s.error is None]
     if ns.json:

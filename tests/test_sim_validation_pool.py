@@ -146,3 +146,21 @@ def test_handler_rule_holds_the_sandboxer_loop_for_the_handler_and_half_the_rest
     base_vm = prior_calibration().chains["sandbox/microvm"]
     held = {s.step: s for s in fit_chain(vm, base_vm).steps(CALL_RUN_POD)}["sandbox.create"]
     assert held.hold == 1.0
+
+
+def test_plot_draws_measured_and_predicted_cdfs(sessions, tmp_path, capsys):
+    seq, c10 = sessions
+    png = tmp_path / "validation.png"
+    rc = validate_main(["--calibrate-on", str(seq), "--validate-on", *map(str, c10),
+                        "--replications", "2", "--threshold", "10", "--plot", str(png)])
+    assert rc == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert "figure" in capsys.readouterr().err
+    # the curves behind it: measured sessions pooled, and the model's pods over the seeds
+    from sim.validation import validate
+    curves: list = []
+    validate([str(seq)], [str(d) for d in c10], replications=2, curves=curves)
+    assert sorted((r.meta.chain, r.meta.source) for r in curves) == [
+        ("sandbox", "bench"), ("sandbox", "sim"), ("shim", "bench"), ("shim", "sim")]
+    for r in curves:
+        assert r.pods["pod"].is_unique and len(r.pods) > 0
