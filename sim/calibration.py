@@ -453,6 +453,14 @@ def _handler_share(run: Any) -> dict[tuple[str, str], float]:
             for (c, s), r in both.iterrows()}
 
 
+def _accept_share(d: np.ndarray, client_call: float | None) -> float:
+    """ACCEPT_RULE: the share of cri.recv the load driver's CPU per call does not cover."""
+    mean = float(np.mean(d)) if d.size else 0.0
+    if client_call is None or mean <= 0:
+        return 0.0
+    return max(1.0 - client_call / mean, 0.0)
+
+
 def _client_cpu_per_call(run: Any) -> float | None:
     """The load driver's CPU seconds per CRI call of the start phase (cpu role "client"), or
     None when the run did not record it."""
@@ -493,13 +501,12 @@ def fit_chain(run: Any, base: ChainModel, kind: str = "auto") -> ChainModel:
             measured = fit.fraction.get((call, step)) if fit.with_children else None
             cores = 0.0
             first = False
-            if (measured is not None and comp == "engine" and step == "cri.recv"
-                    and client_call is not None and float(np.mean(d)) > 0):
+            accept = (_accept_share(d, client_call)
+                      if comp == "engine" and step == "cri.recv" else 0.0)
+            if measured is not None and accept > 0:
                 # The call's travel, then the engine loop's accept (ACCEPT_RULE).
                 frac, lim, first = measured, "engine_workers", True
-                hold = cores = max(1.0 - client_call / float(np.mean(d)), 0.0)
-                if hold == 0.0:
-                    lim, hold, cores, first = None, 1.0, 0.0, False
+                hold = cores = accept
             elif measured is not None and comp == "engine" and step in PROMPT_STEPS:
                 # CRI framing keeps the chain's shape (no limit): its CPU is counted, but it
                 # does not queue behind other processes' bursts.

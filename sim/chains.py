@@ -391,6 +391,11 @@ class Program:
     wait_first: tuple[bool, ...] = field(default=())
 
     @property
+    def free_first(self) -> tuple[bool, ...]:
+        """Per step: Step.wait_first (all False for a Program built without it)."""
+        return self.wait_first or (False,) * len(self.steps)
+
+    @property
     def limited(self) -> tuple[int, ...]:
         return tuple(i for i, r in enumerate(self.limit_index) if r >= 0)
 

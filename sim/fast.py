@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from sim.chains import Program
-from sim.fast_pools import simulate_queued
+from sim.fast_pools import finish_pods, simulate_queued, start_state
 from sim.model import INF, NodeTimes, hold_ns, step_times
 
 
@@ -45,7 +45,7 @@ def _segments(program: Program, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     pre = np.zeros((n_lim + 1,) + shape, dtype=np.int64)
     hold = np.empty((max(n_lim, 1),) + shape, dtype=np.int64)
     j = 0
-    first = program.wait_first or (False,) * d.shape[0]
+    first = program.free_first
     for k in range(d.shape[0]):
         if j < n_lim and lim[j] == k:
             hold[j] = hold_ns(program, d, k)
@@ -79,28 +79,16 @@ def simulate_nodes(program: Program, d: np.ndarray, *, concurrency: int | None =
         # Every pod has its own worker: nobody waits for a pod to finish, i.e. open loop.
         closed = False
         arrivals = np.repeat(t0v[:, None], pods, axis=1)
-    submit = np.full((b, pods), INF, dtype=np.int64)
-    # Every submitted pod passes every contended step, so each grant it needs gets written;
-    # np.empty spares first-touch page faults, which are costly on this VM.
-    grant = np.empty((max(n_lim, 1), b, pods), dtype=np.int64)
-    t_next = np.full((b, pods), INF, dtype=np.int64)
-    seg = np.zeros((b, pods), dtype=np.int64)
-    if closed:
-        submit[:, :c] = t0v[:, None]
-        t_next[:, :c] = t0v[:, None] + pre[0, :, :c]
-        counter = np.full(b, c, dtype=np.int64)
-    else:
-        arr = np.asarray(arrivals, dtype=np.int64)
-        live = arr < INF
-        submit[live] = arr[live]
-        if n_lim:
-            t_next[live] = arr[live] + pre[0][live]
-        counter = np.zeros(b, dtype=np.int64)
-    if n_lim == 0 and not closed:
-        return step_times(program, d, submit, grant)
     if program.queued_pools or (program.sharing == "ps" and program.core_index >= 0):
         return simulate_queued(program, d, pre, hold, closed=closed, c=c, arrivals=arrivals,
                                t0v=t0v)
+    submit, t_next, counter = start_state(pre, t0v, closed, c, arrivals)
+    # Every submitted pod passes every contended step, so each grant it needs gets written;
+    # np.empty spares first-touch page faults, which are costly on this VM.
+    grant = np.empty((max(n_lim, 1), b, pods), dtype=np.int64)
+    if n_lim == 0 and not closed:
+        return step_times(program, d, submit, grant)
+    seg = np.zeros((b, pods), dtype=np.int64)
 
     # Flat views: one integer index per (segment, node, pod) is cheaper than tuple indexing.
     bp = b * pods
@@ -135,7 +123,7 @@ def simulate_nodes(program: Program, d: np.ndarray, *, concurrency: int | None =
         if closed:
             is_req = j < n_lim
             if not is_req.all():
-                _done(~is_req, rows, idx, t, t_next, submit, seg, pre, counter, pods)
+                finish_pods(~is_req, rows, idx, t, t_next, submit, seg, pre, counter, pods)
                 rows, idx, fp, t, j = rows[is_req], idx[is_req], fp[is_req], t[is_req], j[is_req]
                 if rows.size == 0:
                     continue
@@ -161,19 +149,3 @@ def simulate_nodes(program: Program, d: np.ndarray, *, concurrency: int | None =
         t_f[fp] = nxt
         seg_f[fp] = j
     return step_times(program, d, submit, grant)
-
-
-def _done(dn: np.ndarray, rows: np.ndarray, idx: np.ndarray, t: np.ndarray,
-          t_next: np.ndarray, submit: np.ndarray, seg: np.ndarray, pre: np.ndarray,
-          counter: np.ndarray, pods: int) -> None:
-    """A pod finished (closed loop): its worker submits the node's next pod at that instant."""
-    r, p, tt = rows[dn], idx[dn], t[dn]
-    t_next[r, p] = INF
-    k = counter[r]
-    more = k < pods
-    r, k, tt = r[more], k[more], tt[more]
-    if r.size:
-        submit[r, k] = tt
-        t_next[r, k] = tt + pre[0, r, k]
-        seg[r, k] = 0
-        counter[r] += 1

@@ -70,20 +70,9 @@ def simulate_queued(program: Program, d: np.ndarray, pre: np.ndarray, hold: np.n
     caps = np.asarray(program.capacities, dtype=np.int64)
     cmax = max(program.capacities)
 
-    submit = np.full((b, pods), INF, dtype=np.int64)
-    t_next = np.full((b, pods), INF, dtype=np.int64)
+    submit, t_next, counter = start_state(pre, t0v, closed, c, arrivals)
     seg = np.zeros((b, pods), dtype=np.int64)
     phase = np.zeros((b, pods), dtype=np.int64)
-    if closed:
-        submit[:, :c] = t0v[:, None]
-        t_next[:, :c] = t0v[:, None] + pre[0, :, :c]
-        counter = np.full(b, c, dtype=np.int64)
-    else:
-        arr = np.asarray(arrivals, dtype=np.int64)
-        live = arr < INF
-        submit[live] = arr[live]
-        t_next[live] = arr[live] + pre[0][live]
-        counter = np.zeros(b, dtype=np.int64)
 
     # Per (pod, stage) its free time before the request, hold, CPU part and grant, side by side
     # (pod-major): an event touches one pod's stage and the next one's, and the pods of an
@@ -118,7 +107,7 @@ def simulate_queued(program: Program, d: np.ndarray, pre: np.ndarray, hold: np.n
     # and next departure; per pod its tag (inf: not on the cores).
     n_cores = program.capacities[core] if core >= 0 else 1
     ps_v = np.zeros(b, dtype=np.float64)
-    ps_t = t0v.copy() if closed else np.zeros(b, dtype=np.int64)
+    ps_t = np.zeros(b, dtype=np.int64)  # V stands still while idle: any start will do
     ps_n = np.zeros(b, dtype=np.int64)
     ps_due = np.full(b, INF, dtype=np.int64)
     ps_min = np.full(b, np.inf, dtype=np.float64)  # smallest tag of the jobs in
@@ -185,11 +174,13 @@ def simulate_queued(program: Program, d: np.ndarray, pre: np.ndarray, hold: np.n
         fj = (fp * S + j) * 4
         ch = st_f[fj + 2]
         st_f[fj + 3] = t - ch
-        t_f[fp] = t + (st_f[fj + 1] - ch)
-        ph_f[fp] = RELEASE
         b0 = bare[j]
         if b0.any():  # no pool to release: on to the next request
             move_on(fp[b0], j[b0], t[b0])
+            held = ~b0
+            fp, fj, t, ch = fp[held], fj[held], t[held], ch[held]
+        t_f[fp] = t + (st_f[fj + 1] - ch)
+        ph_f[fp] = RELEASE
 
     def depart(rows: np.ndarray) -> np.ndarray | None:
         """The cores' next departure of each node in rows (sim.cores.PSCores._fire)."""
@@ -336,7 +327,8 @@ def simulate_queued(program: Program, d: np.ndarray, pre: np.ndarray, hold: np.n
         if closed:
             is_req = j < n_lim
             if not is_req.all():
-                _finish(~is_req, rows, idx, t, t_next, submit, seg, phase, pre, counter, pods)
+                finish_pods(~is_req, rows, idx, t, t_next, submit, seg, pre, counter, pods,
+                            phase)
                 rows, idx, fp, t, j = rows[is_req], idx[is_req], fp[is_req], t[is_req], j[is_req]
                 if rows.size == 0:
                     continue
@@ -422,9 +414,28 @@ def _scratch(shape: tuple[int, ...]) -> np.ndarray:
     return buf[:n].reshape(shape)
 
 
-def _finish(dn: np.ndarray, rows: np.ndarray, idx: np.ndarray, t: np.ndarray,
-            t_next: np.ndarray, submit: np.ndarray, seg: np.ndarray, phase: np.ndarray,
-            pre: np.ndarray, counter: np.ndarray, pods: int) -> None:
+def start_state(pre: np.ndarray, t0v: np.ndarray, closed: bool, c: int,
+                arrivals: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(submit, t_next, counter) at the start: closed loop, the first `c` pods of each node at
+    its t0; open loop, every pod at its arrival (INF: never).  t_next is each submitted pod's
+    first request (pre[0] after its submission)."""
+    b, pods = pre.shape[1:]
+    submit = np.full((b, pods), INF, dtype=np.int64)
+    t_next = np.full((b, pods), INF, dtype=np.int64)
+    if closed:
+        submit[:, :c] = t0v[:, None]
+        t_next[:, :c] = t0v[:, None] + pre[0, :, :c]
+        return submit, t_next, np.full(b, c, dtype=np.int64)
+    arr = np.asarray(arrivals, dtype=np.int64)
+    live = arr < INF
+    submit[live] = arr[live]
+    t_next[live] = arr[live] + pre[0][live]
+    return submit, t_next, np.zeros(b, dtype=np.int64)
+
+
+def finish_pods(dn: np.ndarray, rows: np.ndarray, idx: np.ndarray, t: np.ndarray,
+                t_next: np.ndarray, submit: np.ndarray, seg: np.ndarray, pre: np.ndarray,
+                counter: np.ndarray, pods: int, phase: np.ndarray | None = None) -> None:
     """A pod finished (closed loop): its worker submits the node's next pod at that instant."""
     r, p, tt = rows[dn], idx[dn], t[dn]
     t_next[r, p] = INF
@@ -435,5 +446,6 @@ def _finish(dn: np.ndarray, rows: np.ndarray, idx: np.ndarray, t: np.ndarray,
         submit[r, k] = tt
         t_next[r, k] = tt + pre[0, r, k]
         seg[r, k] = 0
-        phase[r, k] = ASK
+        if phase is not None:
+            phase[r, k] = ASK
         counter[r] += 1

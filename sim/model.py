@@ -110,7 +110,7 @@ def step_times(program: Program, d: np.ndarray, submit: np.ndarray,
     end = np.empty(d.shape, dtype=np.int64)
     cur = submit.astype(np.int64, copy=True)
     j = 0
-    first = program.wait_first or (False,) * len(program.limit_index)
+    first = program.free_first
     for k, r in enumerate(program.limit_index):
         start[k] = cur
         if r >= 0:
@@ -159,7 +159,7 @@ def simulate_node_naive(program: Program, d: np.ndarray, *, concurrency: int | N
             if work:
                 yield env.timeout(work)
 
-    first = program.wait_first or (False,) * k
+    first = program.free_first
 
     def step(p: int, i: int) -> Iterator[simpy.Event]:
         start[i, p] = env.now

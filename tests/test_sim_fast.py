@@ -93,14 +93,19 @@ def test_node_draws_do_not_depend_on_batch():
     assert not np.array_equal(part, other)
 
 
+def _seeded_digest(fast, naive, chain: str, pods: int, concurrency: int) -> str:
+    """Digest of a seeded run of `fast` on two nodes, checked to repeat exactly."""
+    d = draw_nodes(naive, seed=1, chain=chain, flavor="runc", phase=0, lo=0, hi=2, pods=pods)
+    t = simulate_nodes(fast, d, concurrency=concurrency)
+    again = simulate_nodes(fast, d.copy(), concurrency=concurrency)
+    assert np.array_equal(t.end, again.end)
+    return hashlib.sha256(t.end.tobytes() + t.submit.tobytes()).hexdigest()[:16]
+
+
 def test_golden_realisation_digest():
     """Pins the seeded model output: a change here changes every simulated result."""
     fast, naive = _programs("shim", "runc", "restore", start_sequence(1), 4)
-    d = draw_nodes(naive, seed=1, chain="shim", flavor="runc", phase=0, lo=0, hi=2, pods=8)
-    t = simulate_nodes(fast, d, concurrency=4)
-    again = simulate_nodes(fast, d.copy(), concurrency=4)
-    assert np.array_equal(t.end, again.end)
-    digest = hashlib.sha256(t.end.tobytes() + t.submit.tobytes()).hexdigest()[:16]
+    digest = _seeded_digest(fast, naive, "shim", 8, 4)
     assert digest == GOLDEN, digest
 
 
@@ -235,11 +240,7 @@ def test_two_limit_golden_realisation_digest():
     """Pins the seeded output of the queued-pool path (two-limit sandbox chain)."""
     fast, naive = _two_limit_programs("sandbox", "runc", "restore", start_sequence(1), 6)
     assert fast.queued_pools
-    d = draw_nodes(naive, seed=1, chain="sandbox", flavor="runc", phase=0, lo=0, hi=2, pods=12)
-    t = simulate_nodes(fast, d, concurrency=6)
-    again = simulate_nodes(fast, d.copy(), concurrency=6)
-    assert np.array_equal(t.end, again.end)
-    digest = hashlib.sha256(t.end.tobytes() + t.submit.tobytes()).hexdigest()[:16]
+    digest = _seeded_digest(fast, naive, "sandbox", 12, 6)
     assert digest == GOLDEN_TWO_LIMIT, digest
 
 

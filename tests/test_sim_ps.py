@@ -2,8 +2,6 @@
 equal to the reference bit for bit."""
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import pytest
 import simpy
@@ -14,7 +12,7 @@ from sim.cores import PSCores, advance, due
 from sim.fast import simulate_nodes
 from sim.model import INF, draw_nodes, simulate_node_naive
 from sim.scenario_model import SettingsError, parse_settings
-from test_sim_fast import _assert_same, _two_limit
+from test_sim_fast import _assert_same, _seeded_digest, _two_limit
 
 CAL = prior_calibration()
 MS = 1_000_000
@@ -172,11 +170,7 @@ def test_the_setting_reaches_the_model():
 
 def test_ps_golden_realisation_digest():
     fast, naive = _ps_programs("shim", "runc", "restore", start_sequence(1), 6, two=True)
-    d = draw_nodes(naive, seed=1, chain="shim", flavor="runc", phase=0, lo=0, hi=2, pods=12)
-    t = simulate_nodes(fast, d, concurrency=6)
-    again = simulate_nodes(fast, d.copy(), concurrency=6)
-    assert np.array_equal(t.end, again.end)
-    digest = hashlib.sha256(t.end.tobytes() + t.submit.tobytes()).hexdigest()[:16]
+    digest = _seeded_digest(fast, naive, "shim", 12, 6)
     assert digest == GOLDEN_PS, digest
 
 
