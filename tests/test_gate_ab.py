@@ -27,7 +27,11 @@ def test_gate_catches_injected_slowdown():
 
 
 def test_gate_passes_unchanged_code():
-    out = _ab()
+    # The same noise floor as CI's own gate (.ci/run): on this shared machine two sessions of
+    # identical code once put task.create 18% apart (47.8 -> 56.5 ms, p adj 0.0055) under the
+    # 5% default, a false alarm the floor is there to absorb.  The injected 30% slowdown above
+    # is judged at the default floor.
+    out = _ab("--noise-floor", "0.25")
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
     assert "Gate: PASS" in out.stdout
     assert "(stratified" in out.stdout  # both sides came from the same sessions
