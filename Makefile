@@ -12,9 +12,9 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc libc6-dev make git file \
 # pull in firmware and apparmor, which a guest kernel does not need.
 APT_NORECOMMENDS := linux-image-amd64
 
-.PHONY: setup apt venv assets kernel vm run test protos calibration validation
+.PHONY: setup apt venv assets jit kernel vm run test protos calibration validation
 
-setup: apt venv assets vm
+setup: apt venv assets vm jit
 
 apt:
 	@missing=$$(for p in $(APT_PACKAGES); do \
@@ -41,6 +41,10 @@ venv: $(VENV)/.installed
 
 assets: venv
 	$(PY) -m bench.runtimes.assets
+
+# The simulator's compiled event loop: ~10 s to compile once, cached by numba next to its source.
+jit: venv
+	$(PY) -m sim.fast
 
 # Guest kernel (tinyconfig 6.1, cached by config hash: minutes once, free afterwards) and the
 # initramfs with the Python guest agent.

@@ -140,6 +140,10 @@ class Step:
     # The free part (1 - hold) comes before the step asks for its limit, not after it: a CRI
     # call travels from the client before the engine's loop takes it.
     wait_first: bool = False
+    # CPU seconds per pod of a process that starts running at this step's end and that no
+    # step owns (the shim chain's pause process): a job on the node's cores, off the pod's
+    # path — the pod goes on, but every step on the cores shares them with it.
+    offpath: float = 0.0
 
     def __post_init__(self) -> None:
         check_step(self.step)
@@ -155,6 +159,9 @@ class Step:
         if not 0.0 <= self.cores <= self.hold:
             raise ChainError(f"step {self.call}/{self.step}: cores must be in [0, hold] "
                              f"(the core part runs while the pool is held), got {self.cores}")
+        if not (self.offpath >= 0 and math.isfinite(self.offpath)):
+            raise ChainError(f"step {self.call}/{self.step}: offpath must be >= 0 s, "
+                             f"got {self.offpath}")
         if self.cores > 0 and self.limit in (None, "cores"):
             raise ChainError(f"step {self.call}/{self.step}: cores > 0 needs a pool as limit; "
                              f"a step on the cores alone is limit 'cores' with its hold")
@@ -170,6 +177,8 @@ class Step:
             out["cores"] = self.cores
         if self.wait_first:
             out["wait_first"] = True
+        if self.offpath:
+            out["offpath"] = self.offpath
         return out
 
     @classmethod
@@ -178,7 +187,8 @@ class Step:
                    dist=Dist.from_json(s["dist"]), cpu=float(s.get("cpu", 0)),
                    limit=s.get("limit"), hold=float(s.get("hold", 1.0)),
                    cores=float(s.get("cores", 0.0)),
-                   wait_first=bool(s.get("wait_first", False)))
+                   wait_first=bool(s.get("wait_first", False)),
+                   offpath=float(s.get("offpath", 0.0)))
 
 
 @dataclass(frozen=True)
@@ -389,6 +399,20 @@ class Program:
     sharing: str = "fifo"
     # Per step: its free part comes before its limit (Step.wait_first).
     wait_first: tuple[bool, ...] = field(default=())
+    # Per step: ns of CPU started on the cores at its end, off the pod's path (Step.offpath).
+    offpath: tuple[int, ...] = field(default=())
+
+    @property
+    def stages(self) -> tuple[tuple[int, bool], ...]:
+        """The pod's events in order: (step, False) asks for the step's limit, (step, True)
+        starts its off-path job at its end (after the step's own stage, if it has one)."""
+        out: list[tuple[int, bool]] = []
+        for k, r in enumerate(self.limit_index):
+            if r >= 0:
+                out.append((k, False))
+            if self.offpath and self.offpath[k] > 0:
+                out.append((k, True))
+        return tuple(out)
 
     @property
     def free_first(self) -> tuple[bool, ...]:
@@ -445,13 +469,16 @@ def build_program(model: ChainModel, calls: list[str], capacities: dict[str, int
         steps.extend(got)
         instance.extend([n] * len(got))
     used_set = {s.limit for s in steps if s.limit is not None}
-    if any(s.cores > 0 for s in steps):
+    off = any(s.offpath > 0 for s in steps)
+    if off or any(s.cores > 0 for s in steps):
         used_set.add("cores")
     used = sorted(used_set, key=LIMITS.index)
     for lim in used:
         if capacities.get(lim, 0) < 1:
             raise ChainError(f"limit {lim} needs a capacity >= 1, got {capacities.get(lim)}")
-    contended = [lim for lim in used if not prune or capacities[lim] < max_in_flight]
+    # Off-path jobs come on top of the pods in flight: the cores stay contended with them.
+    contended = [lim for lim in used
+                 if not prune or capacities[lim] < max_in_flight or (off and lim == "cores")]
     limit_index: list[int] = []
     hold: list[float] = []
     core_hold: list[float] = []
@@ -473,4 +500,5 @@ def build_program(model: ChainModel, calls: list[str], capacities: dict[str, int
                    capacities=tuple(capacities[lim] for lim in contended), hold=tuple(hold),
                    instance=tuple(instance), core_hold=tuple(core_hold), sharing=sharing,
                    wait_first=tuple(s.wait_first and r >= 0
-                                    for s, r in zip(steps, limit_index)))
+                                    for s, r in zip(steps, limit_index)),
+                   offpath=tuple(int(round(s.offpath * 1e9)) for s in steps) if off else ())

@@ -12,8 +12,8 @@ Virtual time: V grows by dt * min(1, c / n) while n jobs are in; a job of work w
 virtual time V0 leaves when V reaches its tag V0 + w.  Only the smallest tag matters for the
 next departure, so a node's state is (V, t_last, n) and the tags.  V and the tags are float64
 (service is not a whole number of ns); departure *instants* are whole ns, rounded up, so time
-stays integer like everywhere else in the model.  The fast model (sim.fast_pools) and this
-reference use exactly these functions in the same order, so both give bit-identical results.
+stays integer like everywhere else in the model.  The fast model (sim.fast_jit) and this
+reference do exactly this arithmetic in the same order, so both give bit-identical results.
 """
 from __future__ import annotations
 

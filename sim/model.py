@@ -160,6 +160,10 @@ def simulate_node_naive(program: Program, d: np.ndarray, *, concurrency: int | N
                 yield env.timeout(work)
 
     first = program.free_first
+    off = program.offpath or (0,) * k
+
+    def off_path(work: int) -> Iterator[simpy.Event]:
+        yield from on_cores(work)
 
     def step(p: int, i: int) -> Iterator[simpy.Event]:
         start[i, p] = env.now
@@ -207,6 +211,13 @@ def simulate_node_naive(program: Program, d: np.ndarray, *, concurrency: int | N
         elif d[i, p]:
             yield env.timeout(int(d[i, p]))
         end[i, p] = env.now
+        if off[i] > 0:
+            # A process no step owns starts running: it takes its share of the cores while
+            # the pod goes on without waiting for it.
+            if ps is not None:
+                ps.run(off[i])
+            else:
+                env.process(off_path(off[i]))
 
     def pod(p: int) -> Iterator[simpy.Event]:
         submit[p] = env.now

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from reports.schema import HostFacts, RunMeta, write_run
+from sim.calibration import OFFPATH_STEPS
 from sim.chains import ChainModel, Program
 from sim.model import INF, NodeTimes
 from sim.vocabulary import CALL_RUN_POD
@@ -209,6 +210,13 @@ def cpu_seconds(program: Program, d: np.ndarray, valid: np.ndarray) -> dict[str,
         role = ROLE_OF.get(s.component)
         if role:
             out[role] = out.get(role, 0.0) + s.cpu * tot
+    if any(s.offpath for s in program.steps):
+        role_at = {at: r for r, at in OFFPATH_STEPS.items()}
+        n = int(v.sum())
+        for s in program.steps:
+            if s.offpath:
+                role = role_at.get((s.call, s.step), "offpath")
+                out[role] = out.get(role, 0.0) + s.offpath * n
     return out
 
 

@@ -247,3 +247,38 @@ def test_two_limit_golden_realisation_digest():
 # Changed on purpose (was bf305c5ea7d49a67): a pod releasing a pool goes on before the waiter
 # it hands the pool to asks for its core (asyncio run-to-await order).
 GOLDEN_TWO_LIMIT = "7633e6efe905e5f9"
+
+
+# --- the compiled event loop's own parts ---------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.int64, np.float64])
+def test_tournament_tree_finds_what_argmin_finds(dtype):
+    """The kernel's next event is tree[1]: the smallest value, lowest index among equal ones
+    (np.argmin's answer, which the reference's order relies on) — after every update."""
+    from sim.fast_jit import _build, _put
+
+    rng = np.random.default_rng(5)
+    for pods in (1, 2, 5, 64, 100):
+        size = 1 << max(0, (pods - 1).bit_length())
+        val = np.full(size, np.inf if dtype is np.float64 else INF + 1, dtype=dtype)
+        val[:pods] = rng.integers(0, 6, pods)  # few values: many ties
+        tree = np.empty(2 * size, dtype=np.int64)
+        _build(val, tree)
+        for _ in range(300):
+            assert tree[1] == np.argmin(val[:pods])
+            i = int(rng.integers(0, pods))
+            _put(val, tree, i, dtype(rng.integers(0, 6)))
+
+
+def test_no_contended_step_closed_loop_equals_naive():
+    """Nothing to queue on (FIFO limits as wide as the concurrency): a worker's next pod
+    starts when its previous one is done, the earliest-finishing worker first."""
+    node = {"cores": 64, "engine_workers": 64, "sandboxer_workers": 64, "vmm_boots": 64}
+    model = CAL.model("shim", "runc", "restore")
+    fast = build_program(model, start_sequence(1), node, 3, prune=True, sharing="fifo")
+    naive = build_program(model, start_sequence(1), node, 3, prune=False, sharing="fifo")
+    assert not fast.limited
+    d = draw_nodes(naive, seed=6, chain="shim", flavor="runc", phase=0, lo=0, hi=2, pods=10)
+    got = simulate_nodes(fast, d, concurrency=3)
+    for n in range(2):
+        _assert_same(got, simulate_node_naive(naive, d[:, n], concurrency=3), n)

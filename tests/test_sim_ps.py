@@ -210,3 +210,63 @@ def test_simulations_in_threads_do_not_share_work_arrays():
                                                               concurrency=10).end, jobs))
             for a, b in zip(alone, together):
                 assert np.array_equal(a, b)
+
+
+def _with_offpath(model, seconds):
+    """The model with an off-path CPU job at RunPodSandbox's last step and at every
+    container's task.start (Step.offpath)."""
+    from dataclasses import replace
+
+    from sim.vocabulary import CALL_RUN_POD, CALL_START_CONTAINER
+
+    calls = {}
+    for call, steps in model.calls.items():
+        steps = list(steps)
+        if call == CALL_RUN_POD:
+            steps[-1] = replace(steps[-1], offpath=seconds)
+        elif call == CALL_START_CONTAINER:
+            steps = [replace(s, offpath=seconds / 2) if s.step == "task.start" else s
+                     for s in steps]
+        calls[call] = tuple(steps)
+    return replace(model, calls=calls)
+
+
+@pytest.mark.parametrize("sharing", ["ps", "fifo"])
+@pytest.mark.parametrize("chain", ["shim", "sandbox"])
+@pytest.mark.parametrize("conc,pods,containers,node", [
+    (1, 8, 1, None), (10, 40, 1, None), (6, 24, 2, None), (30, 30, 1, None),
+    (8, 30, 1, {"cores": 1, "engine_workers": 2, "sandboxer_workers": 2, "vmm_boots": 1}),
+])
+def test_offpath_jobs_fast_equals_naive(sharing, chain, conc, pods, containers, node):
+    """Off-path CPU (a process no step owns) shares the cores without holding up its pod:
+    the compiled loop gives the reference's bits, and the other pods are slower for it."""
+    model = _with_offpath(_accept_first(CAL.model(chain, "runc", "restore")), 0.02)
+    caps = node or CAL.node
+    calls = start_sequence(containers)
+    fast = build_program(model, calls, caps, min(conc, pods), prune=True, sharing=sharing)
+    naive = build_program(model, calls, caps, min(conc, pods), prune=False, sharing=sharing)
+    assert any(off for _, off in fast.stages)
+    d = draw_nodes(naive, seed=11, chain=chain, flavor="runc", phase=0, lo=0, hi=3, pods=pods)
+    got = simulate_nodes(fast, d, concurrency=conc)
+    for n in range(3):
+        _assert_same(got, simulate_node_naive(naive, d[:, n], concurrency=conc), n)
+    plain = build_program(_accept_first(CAL.model(chain, "runc", "restore")), calls, caps,
+                          min(conc, pods), prune=True, sharing=sharing)
+    base = simulate_nodes(plain, d, concurrency=conc)
+    if conc > 1:
+        assert got.done.sum() > base.done.sum()
+    else:  # one pod at a time: its own off-path job only shares the cores with its next steps
+        assert got.done.sum() >= base.done.sum()
+
+
+def test_offpath_is_a_step_field_with_a_check():
+    from dataclasses import replace
+
+    from sim.chains import ChainError, Step
+
+    s = CAL.model("shim", "runc").steps("RunPodSandbox")[-1]
+    with_off = replace(s, offpath=0.013)
+    assert Step.from_json(s.call, with_off.to_json()) == with_off
+    assert "offpath" not in s.to_json()
+    with pytest.raises(ChainError, match="offpath"):
+        replace(s, offpath=-1.0)

@@ -164,3 +164,33 @@ def test_plot_draws_measured_and_predicted_cdfs(sessions, tmp_path, capsys):
         ("sandbox", "bench"), ("sandbox", "sim"), ("shim", "bench"), ("shim", "sim")]
     for r in curves:
         assert r.pods["pod"].is_unique and len(r.pods) > 0
+
+
+def test_offpath_rule_puts_the_pause_cpu_after_run_pod_task_start(sessions):
+    """The pause process's CPU (a per-pod process no step owns) becomes an off-path job at
+    the end of RunPodSandbox's task.start (calibration's OFFPATH_RULE), with the truncated
+    clock ticks of its own two fields handed back; the containers' CPU does not."""
+    from dataclasses import replace
+
+    import pandas as pd
+
+    from sim.calibration import CLK_TCK, fit_chain, prior_calibration
+    from sim.vocabulary import CALL_RUN_POD, CALL_START_CONTAINER
+
+    seq, _ = sessions
+    run = load_run(seq / "shim")
+    base = prior_calibration().chains["shim/runc"]
+    cpu = run.cpu.assign(cpu_children_s=run.cpu.get("cpu_children_s", 0.0))
+    cpu = cpu[~cpu["role"].isin(["pause", "container"])]
+    n = len(run.pods)
+    extra = pd.DataFrame({"role": ["pause"] * n + ["container"] * n,
+                          "pid": range(90_000, 90_000 + 2 * n),
+                          "cpu_s": [0.0, 0.01] * n, "cpu_children_s": 0.0})
+    without = fit_chain(replace(run, cpu=cpu), base)
+    assert all(s.offpath == 0 for c in without.calls.values() for s in c)
+    got = fit_chain(replace(run, cpu=pd.concat([cpu, extra], ignore_index=True)), base)
+    off = {(s.call, s.step): s.offpath for c in got.calls.values() for s in c if s.offpath}
+    pause_rows = extra[extra["role"] == "pause"]
+    want = (pause_rows["cpu_s"].sum() + len(pause_rows) * 2 * 0.5 / CLK_TCK) / n
+    assert off == {(CALL_RUN_POD, "task.start"): pytest.approx(want, abs=1e-6)}
+    assert (CALL_START_CONTAINER, "task.start") not in off
