@@ -7,11 +7,12 @@ calls, and shared cores make a departure an event of its own.  Compiled with num
 node after node, an event is a few scalar operations (two tournament trees over the node's
 pods find its next event and its next departure), ~100 ns.
 
-Same model, same order, same bits as the reference SimPy model (sim.model).  Per node it serves the earliest pod event, lowest pod first
-on ties; a departure from the shared cores comes after every pod event of its instant; a
-release that hands its pool on lets the releasing pod make its next request first; arrivals on
-the shared cores at one instant are taken one after another (they commute: with dt = 0 a later
-arrival does not move virtual time).  The virtual-time arithmetic is sim.cores' (`advance`,
+Same model, same order, same bits as the reference SimPy model (sim.model).  Per node it
+serves the earliest pod event, lowest pod first on ties; a departure from the shared cores
+comes after every pod event of its instant; a release that hands its pool on lets the
+releasing pod make its next request first; arrivals on the shared cores at one instant are
+taken one after another (they commute: with dt = 0 a later arrival does not move virtual
+time).  An off-path job (Step.offpath) is a job on the shared cores that no pod waits for.  The virtual-time arithmetic is sim.cores' (`advance`,
 `due`) written out for scalars with the same operation order, so departures land on the same
 ns.  tests/test_sim_fast.py and tests/test_sim_ps.py check equality with the reference.
 
@@ -110,11 +111,32 @@ def _core_done(i: int, j: int, t: int, node: int, n_lim: int, closed: bool, bare
 
 
 @numba.njit(cache=True)
-def run_nodes(kind: np.ndarray, bare: np.ndarray, res_of: np.ndarray, caps: np.ndarray, cmax: int,
-         core: int, n_cores: int, ps: bool, closed: bool, n_lim: int, n_off: int,
-         counter0: int,
-         pre: np.ndarray, hold: np.ndarray, chold: np.ndarray, submit: np.ndarray,
-         t_next: np.ndarray, grant: np.ndarray) -> None:
+def _arrive(tag: np.ndarray, gt: np.ndarray, job: int, work: int, t: int, ps_v: float,
+            ps_t: int, ps_n: int, n_cores: int) -> tuple[float, int, float, int]:
+    """A job of `work` ns joins the shared cores at t: (V, jobs in, smallest tag, next
+    departure) after it (sim.cores.advance and due, in the reference's operation order)."""
+    v = ps_v + ((t - ps_t) * n_cores * (ps_n > 0)) / max(ps_n, n_cores)
+    _put(tag, gt, job, v + work)
+    n = ps_n + 1
+    m = tag[gt[1]]
+    gap = m - v if m > v else 0.0
+    return v, n, m, t + np.int64(math.ceil(gap * max(n, n_cores) / n_cores))
+
+
+@numba.njit(cache=True)
+def _granted(i: int, j: int, t: int, node: int, hold: np.ndarray, grant: np.ndarray,
+             tn: np.ndarray, tt: np.ndarray, phase: np.ndarray) -> None:
+    """Pod i got stage j's pool (no core inside it) at t: it holds it for its hold."""
+    grant[j, node, i] = t
+    _put(tn, tt, i, t + hold[j, node, i])
+    phase[i] = RELEASE
+
+
+@numba.njit(cache=True)
+def run_nodes(kind: np.ndarray, bare: np.ndarray, res_of: np.ndarray, caps: np.ndarray,
+              cmax: int, core: int, n_cores: int, ps: bool, closed: bool, n_lim: int,
+              n_off: int, counter0: int, pre: np.ndarray, hold: np.ndarray, chold: np.ndarray,
+              submit: np.ndarray, t_next: np.ndarray, grant: np.ndarray) -> None:
     """Every node of the batch, one after another; writes submit (closed loop) and grant.
 
     n_lim: stages per pod; n_off: of them, off-path starts (OFF), each a job of its own on
@@ -237,9 +259,7 @@ def run_nodes(kind: np.ndarray, bare: np.ndarray, res_of: np.ndarray, caps: np.n
                         stk_j[ns] = wj
                         ns += 1
                     else:
-                        grant[wj, node, w] = t
-                        _put(tn, tt, w, t + hold[wj, node, w])
-                        phase[w] = RELEASE
+                        _granted(w, wj, t, node, hold, grant, tn, tt, phase)
                 else:
                     busy[q] -= 1
                 _move_on(i, j, t, node, n_lim, closed, pre, tn, tt, seg, phase)
@@ -254,14 +274,10 @@ def run_nodes(kind: np.ndarray, bare: np.ndarray, res_of: np.ndarray, caps: np.n
                     if not ps:
                         _recursion(free, core, cmax, t, w0)
                     elif w0 > 0:
-                        v = ps_v + ((t - ps_t) * n_cores * (ps_n > 0)) / max(ps_n, n_cores)
-                        ps_v = v
+                        ps_v, ps_n, ps_min, ps_due = _arrive(
+                            tag, gt, (res_of[ja] + 1) * pods + ask, w0, t, ps_v, ps_t, ps_n,
+                            n_cores)
                         ps_t = t
-                        _put(tag, gt, (res_of[ja] + 1) * pods + ask, v + w0)
-                        ps_n += 1
-                        ps_min = tag[gt[1]]
-                        gap = ps_min - v if ps_min > v else 0.0
-                        ps_due = t + np.int64(math.ceil(gap * max(ps_n, n_cores) / n_cores))
                     _move_on(ask, ja, t, node, n_lim, closed, pre, tn, tt, seg, phase)
                 elif kd == KW:
                     h = hold[ja, node, ask]
@@ -278,9 +294,7 @@ def run_nodes(kind: np.ndarray, bare: np.ndarray, res_of: np.ndarray, caps: np.n
                             stk_j[ns] = ja
                             ns += 1
                         else:
-                            grant[ja, node, ask] = t
-                            _put(tn, tt, ask, t + hold[ja, node, ask])
-                            phase[ask] = RELEASE
+                            _granted(ask, ja, t, node, hold, grant, tn, tt, phase)
                     else:
                         ring[q, tail[q] % pods] = ask
                         tail[q] += 1
@@ -299,14 +313,8 @@ def run_nodes(kind: np.ndarray, bare: np.ndarray, res_of: np.ndarray, caps: np.n
                     _core_done(p, jp, t, node, n_lim, closed, bare, pre, hold, chold, grant,
                                tn, tt, seg, phase)
                     continue
-                v = ps_v + ((t - ps_t) * n_cores * (ps_n > 0)) / max(ps_n, n_cores)
-                ps_v = v
+                ps_v, ps_n, ps_min, ps_due = _arrive(tag, gt, p, w0, t, ps_v, ps_t, ps_n,
+                                                     n_cores)
                 ps_t = t
-                tg = v + w0
-                _put(tag, gt, p, tg)
                 _put(tn, tt, p, _INF)
                 phase[p] = CORE_WAIT
-                ps_n += 1
-                ps_min = tag[gt[1]]
-                gap = ps_min - v if ps_min > v else 0.0
-                ps_due = t + np.int64(math.ceil(gap * max(ps_n, n_cores) / n_cores))

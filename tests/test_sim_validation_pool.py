@@ -194,3 +194,29 @@ def test_offpath_rule_puts_the_pause_cpu_after_run_pod_task_start(sessions):
     want = (pause_rows["cpu_s"].sum() + len(pause_rows) * 2 * 0.5 / CLK_TCK) / n
     assert off == {(CALL_RUN_POD, "task.start"): pytest.approx(want, abs=1e-6)}
     assert (CALL_START_CONTAINER, "task.start") not in off
+
+
+def test_scores_carry_the_measurements_own_interval(sessions, capsys):
+    """Each measured figure comes with its 95% bootstrap interval (sessions resampled when
+    pooled, pods for one session), and a failure inside it says so."""
+    from sim.validation import Score, render
+
+    seq, c10 = sessions
+    validate_main(["--calibrate-on", str(seq), "--validate-on", *map(str, c10),
+                   "--replications", "2", "--json"])
+    pooled = json.loads(capsys.readouterr().out)["scores"]
+    for s in pooled:
+        lo, hi = s["ci"]
+        assert lo <= s["measured"] <= hi and lo < hi
+        assert s["within_ci"] == (lo <= s["predicted"] <= hi)
+    validate_main(["--calibrate-on", str(seq), "--validate-on", str(c10[0]),
+                   "--replications", "2", "--json"])
+    one = {s["metric"]: s for s in json.loads(capsys.readouterr().out)["scores"]}
+    assert one["pods_per_s"]["ci"] is None and one["run_pod_p95_ms"]["ci"] is not None
+    wide = Score("sandbox", "runc", "x", "run_pod_p95_ms", 100.0, 130.0, sessions=5,
+                 ci=(70.0, 160.0))
+    narrow = Score("shim", "runc", "x", "run_pod_p95_ms", 100.0, 130.0, sessions=5,
+                   ci=(95.0, 105.0))
+    table = render([wide, narrow], 0.10).splitlines()
+    assert table[1].endswith("FAIL (inside the measured interval)")
+    assert table[2].endswith("FAIL") and "-30%..+60%" in table[1]
