@@ -19,6 +19,14 @@ from sim.cluster import simulate_chain
 CAL = load_calibration()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _compiled():
+    """Load the compiled event loop (numba's cache) before the first timing, not inside it."""
+    from sim.fast import warm
+
+    warm()
+
+
 def _run(scenario, settings, chain, info):
     c0, w0 = time.process_time(), time.perf_counter()
     run = simulate_chain(scenario, settings, CAL, chain)
