@@ -65,6 +65,11 @@ def parse_args(argv: list[str]) -> Options:
                     help="extra environment for one variant's daemons; repeatable")
     a = ap.parse_args(argv)
     sc = load_scenario(a.scenario)
+    if sc.lifetime_s > 0:
+        # The load driver ramps every pod up, samples, then tears them all down; pods that
+        # stop while others start are not what it does, and a run must not claim they were.
+        raise ScenarioError(f"{sc.name}: lifetime_s = {sc.lifetime_s:g} is not supported by "
+                            f"bench (pods are stopped after the ramp); use lifetime_s = 0")
     changes: dict[str, Any] = {}
     if a.pods is not None:
         if a.pods < 1:

@@ -61,3 +61,13 @@ def test_rpc_is_routed_to_rpcbench(monkeypatch):
     monkeypatch.setattr(rpcbench, "main", lambda argv: seen.append(argv) or 0)
     assert loaddriver.main(["rpc", "--n", "3"]) == 0
     assert seen == [["--n", "3"]]
+
+
+def test_a_pod_lifetime_is_refused_not_ignored(tmp_path):
+    """bench stops pods after the ramp: a scenario asking for pods that stop while others
+    start (lifetime_s > 0) is an error, not a run that silently did something else."""
+    sc = tmp_path / "churn.toml"
+    sc.write_text('name = "churn"\npods = 2\nlifetime_s = 30\n')
+    with pytest.raises(ScenarioError, match="lifetime_s"):
+        loaddriver.parse_args([str(sc), "--chain", "containerd", "--out", str(tmp_path / "o")])
+    assert loaddriver.main([str(sc), "--chain", "containerd", "--out", str(tmp_path / "o")]) == 2
