@@ -19,7 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from reports import samples as smp
 from reports.schema import Run
@@ -95,8 +95,12 @@ def _ms_axis(ax: Axes, values: np.ndarray, axis: str = "x") -> None:
     if v.size and float(v.max()) / float(v.min()) > 30:
         (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
         # Plain numbers (10, 100, 1000 ms) read faster than 10^1, 10^2, 10^3.
+        # Ticks at 1-2-5 of each decade, so a range under two decades still has several; the
+        # default minor labels (2x10^1, 3x10^1, ...) collide on such a range.
         target = ax.xaxis if axis == "x" else ax.yaxis
+        target.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         target.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:g}"))
+        target.set_minor_formatter(NullFormatter())
 
 
 def _ecdf(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
