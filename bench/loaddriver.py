@@ -44,13 +44,19 @@ from typing import Any
 from bench.chains import MAX_RUN_ROOT, Chain, make_chain, remove_run_base, run_leftovers
 from bench.cri_client import CriClient, CriError, container_config, pod_config
 from bench.loadoptions import Options, parse_args
-from bench.probes import (accel_mode, cpu_children_seconds, cpu_seconds, process_table,
-                          read_memory, read_threads, scope_processes, tool_versions)
+from bench.probes import (accel_mode, cgroup_cpu, cpu_children_seconds, cpu_seconds,
+                          process_table, read_memory, read_threads, scope_processes,
+                          tool_versions)
 from bench.variants import Variant
 from reports.schema import HostFacts, RunMeta, write_run
 from scenarios.loader import ScenarioError
 
 DAEMON_ROLES = ("engine", "sandboxer", "containerd")
+# Per-pod processes that live alone in their container's cgroup: their CPU is read from the
+# cgroup's ns-precise accounting (probes.cgroup_cpu), not from tick-rounded /proc/PID/stat.
+# run.json extra "cpu_exact_roles" says which roles were read so (sim.calibration then adds no
+# rounding back).
+CGROUP_CPU_ROLES = ("pause", "container")
 
 
 def _now() -> int:
@@ -91,6 +97,7 @@ class ChainLoad:
     cpu_start: dict[int, float] = field(default_factory=dict)
     cpu_children_start: dict[int, float] = field(default_factory=dict)
     cpu_rows: dict[int, dict[str, Any]] = field(default_factory=dict)
+    cpu_exact_roles: set[str] = field(default_factory=set)
     # CPU seconds the driver itself (CRI client: request encoding, gRPC, tracing) burned during
     # this lane's ramp blocks.  It shares the node's cores with the chain, so calibration
     # needs its size (sim.calibration.CLIENT_ROLE); lanes' blocks never overlap, so the
@@ -298,8 +305,19 @@ class Bench:
         minus their CPU before the first pod (containerd's image import is not load)."""
         table = process_table()
         for ld in self.loads.values():
+            seen: set[str] = set()
             for pid, (_info, role) in scope_processes(ld.chain.scope(), table).items():
                 if final and role not in DAEMON_ROLES:
+                    continue
+                exact = cgroup_cpu(pid) if role in CGROUP_CPU_ROLES else None
+                if exact is not None:
+                    # One row per cgroup: a second process of one container is in its total.
+                    group, used = exact
+                    ld.cpu_rows[pid] = {"role": role, "pid": pid,
+                                        "cpu_s": 0.0 if group in seen else round(used, 6),
+                                        "cpu_children_s": 0.0}
+                    seen.add(group)
+                    ld.cpu_exact_roles.add(role)
                     continue
                 cs = cpu_seconds(pid)
                 if cs is None:
@@ -380,6 +398,7 @@ class Bench:
                        "schema": self.o.schema if name == "sandbox" else "",
                        "boot": self.sc.boot if self.sc.flavor == "microvm" else "",
                        **self._pool_meta(ld),
+                       "cpu_exact_roles": sorted(ld.cpu_exact_roles),
                        "interrupted": self.interrupted, "forced_cleanup": ld.forced,
                        "run_forced_cleanup": self.forced, "leftovers": self.leftovers},
             )

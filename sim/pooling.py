@@ -49,4 +49,8 @@ def merge_sessions(runs: list[Any]) -> Any:
         return pd.concat(full, ignore_index=True) if full else parts[0]
 
     merged = replace(runs[0], pods=cat(pods), spans=cat(spans), cpu=cat(cpu), memory=cat(mem))
-    return merged
+    # Roles whose CPU bench read exactly (from cgroups) in every session; a role exact in
+    # some sessions only is treated as tick-rounded (a few ms too much on those rows).
+    exact = set.intersection(*(set(r.meta.extra.get("cpu_exact_roles", ())) for r in runs))
+    extra = dict(merged.meta.extra, cpu_exact_roles=sorted(exact))
+    return replace(merged, meta=replace(merged.meta, extra=extra))

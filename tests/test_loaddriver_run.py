@@ -47,6 +47,13 @@ def _check_run(out: Path, chain: str, pods: int) -> dict:
     client_cpu = run.cpu[run.cpu["role"] == "client"]
     assert len(client_cpu) == 1 and client_cpu["cpu_s"].iloc[0] > 0
     assert client_cpu["pid"].iloc[0] == os.getpid()
+    # a pause or container process lives alone in its container's cgroup: its CPU (a few ms)
+    # is read there, to the ns, not as 10 ms clock ticks (mostly 0)
+    per_pod = run.cpu[run.cpu["role"].isin(["pause", "container"])]
+    assert len(per_pod) == pods * (2 if (top["role"] == "pause").any() else 1)
+    assert sorted(run.meta.extra["cpu_exact_roles"]) == sorted(per_pod["role"].unique())
+    assert (per_pod["cpu_s"] > 0).all()
+    assert ((per_pod["cpu_s"] * 100) % 1 > 1e-6).any()  # not whole ticks
     assert run.meta.extra["leftovers"] == []
     rid = run.meta.extra["run_id"]
     assert run_leftovers(RUN_ROOT / rid, rid) == []

@@ -194,6 +194,20 @@ def test_offpath_rule_puts_the_pause_cpu_after_run_pod_task_start(sessions):
     want = (pause_rows["cpu_s"].sum() + len(pause_rows) * 2 * 0.5 / CLK_TCK) / n
     assert off == {(CALL_RUN_POD, "task.start"): pytest.approx(want, abs=1e-6)}
     assert (CALL_START_CONTAINER, "task.start") not in off
+    # read exactly from the container's cgroup (run.json extra "cpu_exact_roles"): as is
+    exact_meta = replace(run.meta, extra=dict(run.meta.extra, cpu_exact_roles=["pause"]))
+    exact = fit_chain(replace(run, meta=exact_meta,
+                              cpu=pd.concat([cpu, extra], ignore_index=True)), base)
+    got = {s.step: s.offpath for s in exact.steps(CALL_RUN_POD) if s.offpath}
+    assert got == {"task.start": pytest.approx(pause_rows["cpu_s"].sum() / n, abs=1e-6)}
+    # pooled sessions keep only the roles every session read exactly
+    from sim.pooling import merge_sessions
+
+    tick_run = replace(run, cpu=pd.concat([cpu, extra], ignore_index=True))
+    mixed = merge_sessions([replace(tick_run, meta=exact_meta), tick_run])
+    assert mixed.meta.extra["cpu_exact_roles"] == []
+    both = merge_sessions([replace(tick_run, meta=exact_meta)] * 2)
+    assert both.meta.extra["cpu_exact_roles"] == ["pause"]
 
 
 def test_scores_carry_the_measurements_own_interval(sessions, capsys):
