@@ -300,21 +300,20 @@ PROMPT_STEPS = frozenset({"cri.recv", "cri.reply"})
 
 
 # OFFPATH_RULE.  The shim chain's pause process is a per-pod process that no step owns: its
-# CPU (cpu role "pause": runc init, then the exec) is not placed by the fit above.  It runs
-# once the pod's sandbox task is started, and the pod does not wait for it, so it is an
-# off-path job on the cores from the end of RunPodSandbox's task.start (Step.offpath).  The
-# sandbox chain has no pause process.  Why it matters: at runc-c10 the shim chain's 10-pod
-# blocks take 805/886/852 ms measured against 730/803/783 ms modelled (three 5-session sets):
-# 14-17 ms of CPU per pod on two busy cores, where the pause process reads 13 ms per pod (half
-# a tick per field added back), and the model over-predicted the shim chain's throughput by
-# 7-10% in every set; with the rule, -1.4..+1.2%, and its p95 error -25/-18/-19% becomes
-# -18/-11/-11% (20 seeds).  On two later sets, not used to choose it (5 and 10 sessions):
-# throughput +10/+10% -> +2/+2%, p95 -17/-23% -> -9/-15%.  The container processes (role
-# "container") are left out: placed the same way at StartContainer's task.start, their CPU
-# took both chains' throughput 4-16% low.  Why the pause process's CPU is missing from the
-# fitted steps and the containers' is not is open (both start as runc init, while runc create
-# waits); the tick-rounded /proc/PID/stat readings (0 or 10 ms per field for 64-74% / the rest
-# of these processes) are too coarse to tell, and a precise per-process reading would.
+# CPU (cpu role "pause": runc init, then the exec; 9-14 ms read exactly from its cgroup) is not
+# placed by the fit above.  It runs once the pod's sandbox task is started, and the pod does
+# not wait for it, so it is an off-path job on the cores from the end of RunPodSandbox's
+# task.start (Step.offpath).  The sandbox chain has no pause process.  Why it matters: at
+# runc-c10 the shim chain's 10-pod blocks took 805/886/852 ms measured against 730/803/783 ms
+# modelled (three 5-session sets): 14-17 ms of CPU per pod on two busy cores, and the model
+# over-predicted the shim chain's throughput by 7-10% in every set; with the rule, -1.4..+1.2%,
+# and its p95 error -25/-18/-19% became -18/-11/-11% (20 seeds).  On three later sets not used
+# to choose it: throughput +10/+10/+15% -> +2/+2/+7%, p95 -17/-23/-20% -> -9/-15/-13%.
+# The container processes (role "container") are left out: placed the same way at
+# StartContainer's task.start, their CPU took both chains' throughput 4-16% low in three of
+# the four sets it was tried on (on the one with exact cgroup readings: shim +7 -> +1%,
+# sandbox +5 -> -5%).  Why one is missing from the fitted steps and the other is not (both
+# start as runc init while runc create waits) is open.
 OFFPATH_STEPS: dict[str, tuple[str, str]] = {"pause": (CALL_RUN_POD, "task.start")}
 
 
