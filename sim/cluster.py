@@ -19,7 +19,7 @@ from scenarios.loader import Scenario
 from sim import arrival as arrivals_mod
 from sim.calibration import Calibration
 from sim.chains import ChainModel, build_program, start_sequence, stop_sequence
-from sim.fast import simulate_nodes
+from sim.fast import ensure_compiled, simulate_nodes
 from sim.model import BLOCK, INF, NodeTimes, draw_nodes, simulate_node_naive
 from sim.output import (cpu_seconds, ledger_rows, memory_rows, pod_rows, run_pod_steps,
                         span_rows)
@@ -158,6 +158,8 @@ def simulate_chain(scenario: Scenario, settings: SimSettings, cal: Calibration, 
     rp_last = run_pod_steps(prog)[-1]
     rp_steps = run_pod_steps(prog)
     label = f"{chain}/{flavor}"
+    if settings.engine == "fast":
+        ensure_compiled(progress)
     prog_bar = _Progress(label, total, progress)
 
     batch = max(1, BATCH_PODS // max(pods, 1))

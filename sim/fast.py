@@ -23,6 +23,9 @@ tests (tests/test_sim_fast.py, tests/test_sim_ps.py) compare both models on one 
 """
 from __future__ import annotations
 
+import threading
+from typing import Callable
+
 import numpy as np
 
 from sim.chains import Program
@@ -147,6 +150,29 @@ def simulate_nodes(program: Program, d: np.ndarray, *, concurrency: int | None =
     if n_st != len(program.limited):  # step_times wants the grants of the limits only
         grant = grant[[j for j, (_, off) in enumerate(stages) if not off]]
     return step_times(program, d, submit, grant)
+
+
+def ensure_compiled(say: Callable[[str], None] | None = None, after_s: float = 1.5) -> None:
+    """Load the event loop into this process (numba's cache, or a compile of ~10 s when the
+    cache is cold); if that takes longer than `after_s`, tell `say` why the run waits."""
+    from sim import fast_jit
+
+    if fast_jit.run_nodes.signatures:
+        return
+    done = threading.Event()
+
+    def note() -> None:
+        if not done.is_set() and say is not None:
+            say("simulate: compiling the event loop (once, ~10 s; `make setup` does it ahead)")
+
+    timer = threading.Timer(after_s, note)
+    timer.daemon = True
+    timer.start()
+    try:
+        warm()
+    finally:
+        done.set()
+        timer.cancel()
 
 
 def warm() -> float:

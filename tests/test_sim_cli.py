@@ -82,6 +82,16 @@ def test_naive_engine_gives_the_same_run(tmp_path):
         n = load_run(tmp_path / "n" / chain)
         pd.testing.assert_frame_equal(f.spans, n.spans)
         pd.testing.assert_frame_equal(f.pods, n.pods)
+    # the shipped calibration's off-path CPU (the shim chain's pause process) is in the run's
+    # cpu table under its own role, once per pod
+    from sim.calibration import load_calibration
+
+    off = sum(s.offpath for c in load_calibration().model("shim", "runc").calls.values()
+              for s in c)
+    cpu = load_run(tmp_path / "f" / "shim").cpu
+    assert off > 0
+    assert cpu.loc[cpu["role"] == "pause", "cpu_s"].sum() == pytest.approx(off * 10, rel=1e-6)
+    assert "pause" not in set(load_run(tmp_path / "f" / "sandbox").cpu["role"])
 
 
 def test_microvm_memory_and_what_if(tmp_path):

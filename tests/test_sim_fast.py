@@ -282,3 +282,14 @@ def test_no_contended_step_closed_loop_equals_naive():
     got = simulate_nodes(fast, d, concurrency=3)
     for n in range(2):
         _assert_same(got, simulate_node_naive(naive, d[:, n], concurrency=3), n)
+
+
+def test_a_loaded_event_loop_is_not_announced():
+    """`chainbench simulate` says it is compiling only when loading the loop takes long (a cold
+    numba cache); once loaded in the process, nothing is said and nothing is run again."""
+    from sim.fast import ensure_compiled, warm
+
+    warm()
+    said: list[str] = []
+    ensure_compiled(said.append, after_s=0.0)
+    assert said == []
