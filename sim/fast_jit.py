@@ -132,7 +132,7 @@ def _granted(i: int, j: int, t: int, node: int, hold: np.ndarray, grant: np.ndar
     phase[i] = RELEASE
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)  # a Dask worker's threads then simulate side by side
 def run_nodes(kind: np.ndarray, bare: np.ndarray, res_of: np.ndarray, caps: np.ndarray,
               cmax: int, core: int, n_cores: int, ps: bool, closed: bool, n_lim: int,
               n_off: int, counter0: int, pre: np.ndarray, hold: np.ndarray, chold: np.ndarray,
