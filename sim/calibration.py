@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from reports.samples import ok_pods
 from sim import prior
 from sim.cores import SHARING
 from sim.pooling import merge_sessions
@@ -471,7 +472,7 @@ def _handler_share(run: Any) -> dict[tuple[str, str], float]:
     """Per (call, step) traced on both sides of a Sandbox API call: the sandboxer-side handler
     span's share of the engine-side span, over the ok, non-warm-up pods."""
     sp = run.spans
-    ok = run.pods[(run.pods["outcome"] == "ok") & ~run.pods["warmup"]]
+    ok = ok_pods(run)
     sp = sp[sp["pod"].isin(set(ok["pod"])) & sp["component"].isin(["engine", "sandboxer"])]
     if sp.empty:
         return {}

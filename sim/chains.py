@@ -429,6 +429,11 @@ class Program:
         return self.limits.index("cores") if "cores" in self.limits else -1
 
     @property
+    def shares_cores(self) -> bool:
+        """The cores are contended and served by processor sharing (sim.cores)."""
+        return self.sharing == "ps" and self.core_index >= 0
+
+    @property
     def two_limit(self) -> bool:
         return any(h > 0 for h in self.core_hold)
 

@@ -70,8 +70,7 @@ def stage_kinds(program: Program, d: np.ndarray, hold: np.ndarray
     among the pod's off-path jobs), and its CPU part (ns; OFF: the job's work)."""
     stages = program.stages
     queued = program.queued_pools
-    core = program.core_index
-    ps = program.sharing == "ps" and core >= 0
+    ps, core = program.shares_cores, program.core_index
     # A stage on processor-shared cores alone is run like a two-limit stage whose pool is
     # never short: it asks for its core share at once and holds nothing else.
     on_cores = [ps and not off and program.limit_index[k] == core for k, off in stages]
@@ -141,11 +140,8 @@ def simulate_nodes(program: Program, d: np.ndarray, *, concurrency: int | None =
     grant = np.empty((max(n_st, 1), b, pods), dtype=np.int64)
     if (n_st or closed) and b and pods:  # (open loop with nothing contended: no events)
         kind, bare, res_of, chold = stage_kinds(program, d, hold)
-        core = program.core_index
-        ps = program.sharing == "ps" and core >= 0
         caps = np.asarray(program.capacities or (1,), dtype=np.int64)
-        run_nodes(kind, bare, res_of, caps, int(caps.max()), int(core),
-                  int(caps[core]) if ps else 1, ps, closed, n_st, int((kind == OFF).sum()),
+        run_nodes(kind, bare, res_of, caps, program.core_index, program.shares_cores, closed,
                   counter, pre, hold, chold, submit, t_next, grant)
     if n_st != len(program.limited):  # step_times wants the grants of the limits only
         grant = grant[[j for j, (_, off) in enumerate(stages) if not off]]

@@ -124,26 +124,41 @@ def _arrive(tag: np.ndarray, gt: np.ndarray, job: int, work: int, t: int, ps_v: 
 
 
 @numba.njit(cache=True)
-def _granted(i: int, j: int, t: int, node: int, hold: np.ndarray, grant: np.ndarray,
-             tn: np.ndarray, tt: np.ndarray, phase: np.ndarray) -> None:
-    """Pod i got stage j's pool (no core inside it) at t: it holds it for its hold."""
+def _pool_granted(i: int, j: int, t: int, node: int, kind: np.ndarray, hold: np.ndarray,
+                  grant: np.ndarray, tn: np.ndarray, tt: np.ndarray, phase: np.ndarray,
+                  stk_i: np.ndarray, stk_j: np.ndarray, ns: int) -> int:
+    """Pod i got stage j's queued pool at t: a two-limit stage queues its core ask on the
+    event's stack (asked after the event's own request, in stack order), a pool-only stage
+    holds the pool for its hold.  Returns the stack's new size."""
+    if kind[j] == POOL_CORE:
+        stk_i[ns] = i
+        stk_j[ns] = j
+        return ns + 1
     grant[j, node, i] = t
     _put(tn, tt, i, t + hold[j, node, i])
     phase[i] = RELEASE
+    return ns
 
 
 @numba.njit(cache=True, nogil=True)  # a Dask worker's threads then simulate side by side
 def run_nodes(kind: np.ndarray, bare: np.ndarray, res_of: np.ndarray, caps: np.ndarray,
-              cmax: int, core: int, n_cores: int, ps: bool, closed: bool, n_lim: int,
-              n_off: int, counter0: int, pre: np.ndarray, hold: np.ndarray, chold: np.ndarray,
-              submit: np.ndarray, t_next: np.ndarray, grant: np.ndarray) -> None:
+              core: int, ps: bool, closed: bool, counter0: int, pre: np.ndarray,
+              hold: np.ndarray, chold: np.ndarray, submit: np.ndarray, t_next: np.ndarray,
+              grant: np.ndarray) -> None:
     """Every node of the batch, one after another; writes submit (closed loop) and grant.
 
-    n_lim: stages per pod; n_off: of them, off-path starts (OFF), each a job of its own on
-    the shared cores: pod i's m-th is job (m + 1) * pods + i, the pod's own CPU is job i.
-    counter0: pods already submitted per node (closed loop: its first `concurrency`)."""
+    Each off-path start (OFF) is a job of its own on the shared cores: pod i's m-th is job
+    (m + 1) * pods + i, the pod's own CPU is job i.  counter0: pods already submitted per
+    node (closed loop: its first `concurrency`)."""
     b, pods = t_next.shape
+    n_lim = kind.size
+    n_off = 0
+    for j in range(n_lim):
+        if kind[j] == OFF:
+            n_off += 1
     n_res = caps.size
+    cmax = caps.max()
+    n_cores = caps[core] if ps else 1
     free = np.empty((n_res, cmax), dtype=np.int64)
     busy = np.empty(n_res, dtype=np.int64)
     head = np.empty(n_res, dtype=np.int64)
@@ -251,15 +266,10 @@ def run_nodes(kind: np.ndarray, bare: np.ndarray, res_of: np.ndarray, caps: np.n
                 if head[q] < tail[q]:
                     w = ring[q, head[q] % pods]
                     head[q] += 1
-                    wj = seg[w]
-                    if kind[wj] == POOL_CORE:
-                        # its holder asks for its core when it resumes: after the
-                        # releasing pod's own next request is made (below)
-                        stk_i[ns] = w
-                        stk_j[ns] = wj
-                        ns += 1
-                    else:
-                        _granted(w, wj, t, node, hold, grant, tn, tt, phase)
+                    # handed over: its holder asks for its core when it resumes, after
+                    # the releasing pod's own next request is made (below)
+                    ns = _pool_granted(w, seg[w], t, node, kind, hold, grant, tn, tt, phase,
+                                       stk_i, stk_j, ns)
                 else:
                     busy[q] -= 1
                 _move_on(i, j, t, node, n_lim, closed, pre, tn, tt, seg, phase)
@@ -289,12 +299,8 @@ def run_nodes(kind: np.ndarray, bare: np.ndarray, res_of: np.ndarray, caps: np.n
                     if bare[ja] or busy[q] < caps[q]:
                         if not bare[ja]:
                             busy[q] += 1
-                        if kd == POOL_CORE:
-                            stk_i[ns] = ask
-                            stk_j[ns] = ja
-                            ns += 1
-                        else:
-                            _granted(ask, ja, t, node, hold, grant, tn, tt, phase)
+                        ns = _pool_granted(ask, ja, t, node, kind, hold, grant, tn, tt, phase,
+                                           stk_i, stk_j, ns)
                     else:
                         ring[q, tail[q] % pods] = ask
                         tail[q] += 1

@@ -2,8 +2,9 @@
 
 A node has cores and worker pools (FIFO, one `simpy.Resource` per contended limit) and runs
 pods through a `Program`.  With `sharing = "ps"` the cores are a processor-sharing server
-instead (sim.cores.PSCores): every step on them runs at once, at min(1, cores / n) speed.  A two-limit step requests its pool, then (still holding it) a core
-for its CPU part, so a handler waiting for a core keeps its worker busy.  Time is integer
+instead (sim.cores.PSCores): every step on them runs at once, at min(1, cores / n) speed.  A
+two-limit step requests its pool, then (still holding it) a core for its CPU part, so a
+handler waiting for a core keeps its worker busy.  Time is integer
 nanoseconds so that adding a run of step latencies at once gives exactly the same instant as
 adding them one by one — that is what lets the fast model (sim.fast) fold steps and still
 equal this reference bit for bit.
@@ -146,8 +147,7 @@ def simulate_node_naive(program: Program, d: np.ndarray, *, concurrency: int | N
     lim = program.limit_index
     two = [bool(program.core_hold) and program.core_hold[i] > 0 for i in range(k)]
     cores = program.core_index
-    ps = PSCores(env, program.capacities[cores]) if program.sharing == "ps" and cores >= 0 \
-        else None
+    ps = PSCores(env, program.capacities[cores]) if program.shares_cores else None
 
     def on_cores(work: int) -> Iterator[simpy.Event]:
         if ps is not None:
@@ -161,9 +161,6 @@ def simulate_node_naive(program: Program, d: np.ndarray, *, concurrency: int | N
 
     first = program.free_first
     off = program.offpath or (0,) * k
-
-    def off_path(work: int) -> Iterator[simpy.Event]:
-        yield from on_cores(work)
 
     def step(p: int, i: int) -> Iterator[simpy.Event]:
         start[i, p] = env.now
@@ -217,7 +214,7 @@ def simulate_node_naive(program: Program, d: np.ndarray, *, concurrency: int | N
             if ps is not None:
                 ps.run(off[i])
             else:
-                env.process(off_path(off[i]))
+                env.process(on_cores(off[i]))
 
     def pod(p: int) -> Iterator[simpy.Event]:
         submit[p] = env.now

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from reports import samples
 from reports.schema import Run, RunMeta, SchemaError, conform, load_runs
 from reports.summary import _pct, summarize
 from scenarios.loader import Scenario
@@ -86,44 +87,36 @@ def _figures(summary: dict[str, Any]) -> dict[str, float | None]:
             "pods_per_s": summary["pods_per_s"]}
 
 
-def _pooled(runs: list[Run]) -> dict[str, float | None]:
-    """Measured figures of several sessions of one scenario and chain, pooled."""
-    lat: list[np.ndarray] = []
-    rates: list[float] = []
-    for run in runs:
-        pods = run.pods
-        ok = pods[(~pods["warmup"]) & (pods["outcome"] == "ok")]
-        lat.append((ok["latency_s"] * 1e3).to_numpy())
-        rate = summarize(run)["pods_per_s"]
-        if rate is not None:
-            rates.append(float(rate))
+def _latencies_ms(run: Run) -> np.ndarray:
+    return samples.sample(run, "run_pod_sandbox") * 1e3
+
+
+def _pooled(lat: list[np.ndarray], rates: list[float | None]) -> dict[str, float | None]:
+    """Measured figures of several sessions of one scenario and chain, pooled: percentiles
+    of every session's RunPodSandbox latencies (ms) together, the sessions' mean rate."""
     pct = _pct(np.concatenate(lat) if lat else np.array([]), (50, 95))
+    known = [float(r) for r in rates if r is not None]
     return {"run_pod_p50_ms": pct["p50"], "run_pod_p95_ms": pct["p95"],
-            "pods_per_s": round(float(np.mean(rates)), 3) if rates else None}
+            "pods_per_s": round(float(np.mean(known)), 3) if known else None}
 
 
 BOOTSTRAP = 2000  # resamples for the measured figures' intervals
 
 
-def _intervals(runs: list[Run], seed: int = 0) -> dict[str, tuple[float, float] | None]:
-    """95% bootstrap intervals of the measured figures.  Several sessions: the sessions are
-    resampled (a session's pods are not independent draws: the machine drifts between
-    sessions, which is most of the noise); one session: its pods (no throughput interval)."""
-    lat = []
-    rates = []
-    for run in runs:
-        pods = run.pods
-        ok = pods[(~pods["warmup"]) & (pods["outcome"] == "ok")]
-        lat.append((ok["latency_s"] * 1e3).to_numpy())
-        rate = summarize(run)["pods_per_s"]
-        rates.append(np.nan if rate is None else float(rate))
+def _intervals(lat: list[np.ndarray], rates: list[float | None],
+               seed: int = 0) -> dict[str, tuple[float, float] | None]:
+    """95% bootstrap intervals of the measured figures, from each session's latencies (ms)
+    and rate.  Several sessions: the sessions are resampled (a session's pods are not
+    independent draws: the machine drifts between sessions, which is most of the noise); one
+    session: its pods (no throughput interval)."""
+    rate_v = np.array([np.nan if r is None else float(r) for r in rates])
     rng = np.random.default_rng(seed)
     out: dict[str, tuple[float, float] | None] = {m: None for m in METRICS}
-    if len(runs) > 1:
-        draws = rng.integers(0, len(runs), size=(BOOTSTRAP, len(runs)))
+    if len(lat) > 1:
+        draws = rng.integers(0, len(lat), size=(BOOTSTRAP, len(lat)))
         p = np.array([np.percentile(np.concatenate([lat[i] for i in d]), (50, 95))
                       if sum(lat[i].size for i in d) else (np.nan, np.nan) for d in draws])
-        r = np.asarray(rates)[draws].mean(axis=1)
+        r = rate_v[draws].mean(axis=1)
         cols = {"run_pod_p50_ms": p[:, 0], "run_pod_p95_ms": p[:, 1], "pods_per_s": r}
     elif lat and lat[0].size > 1:
         x = lat[0]
@@ -207,8 +200,10 @@ def validate(calibrate_on: list[str], validate_on: list[str], replications: int 
     for group in groups.values():
         run = group[0]
         singles = [_figures(summarize(r)) for r in group]
-        measured = singles[0] if len(group) == 1 else _pooled(group)
-        ci = _intervals(group, seed)
+        lat = [_latencies_ms(r) for r in group]
+        rates = [f["pods_per_s"] for f in singles]
+        measured = singles[0] if len(group) == 1 else _pooled(lat, rates)
+        ci = _intervals(lat, rates, seed)
         print(f"validate: predicting {run.meta.chain}/{run.meta.flavor} {run.meta.scenario} "
               f"({len(run.pods)} pods, concurrency {run.meta.concurrency}"
               f"{f', {len(group)} sessions pooled' if len(group) > 1 else ''}) over "

@@ -30,6 +30,19 @@ def _assert_same(fast_t, naive_t, node: int) -> None:
     assert np.array_equal(fast_t.end[:, node], naive_t.end)
 
 
+def _fast_equals_naive(fast, naive, d, *, concurrency=None, arrivals=None, t0=None):
+    """The fast model on every node of realisation `d`, checked against the reference node by
+    node (same closed-loop concurrency, arrivals or start instants); returns the fast run."""
+    got = simulate_nodes(fast, d, concurrency=concurrency, arrivals=arrivals,
+                         t0=0 if t0 is None else t0)
+    for n in range(d.shape[1]):
+        _assert_same(got, simulate_node_naive(
+            naive, d[:, n], concurrency=concurrency,
+            arrivals=None if arrivals is None else arrivals[n],
+            t0=0 if t0 is None else int(t0[n])), n)
+    return got
+
+
 @pytest.mark.parametrize("chain,flavor,boot", [
     ("shim", "runc", "restore"), ("sandbox", "runc", "restore"),
     ("shim", "microvm", "restore"), ("sandbox", "microvm", "cold"),
@@ -39,9 +52,7 @@ def _assert_same(fast_t, naive_t, node: int) -> None:
 def test_closed_loop_fast_equals_naive(chain, flavor, boot, conc, pods, containers):
     fast, naive = _programs(chain, flavor, boot, start_sequence(containers), min(conc, pods))
     d = draw_nodes(naive, seed=7, chain=chain, flavor=flavor, phase=0, lo=0, hi=3, pods=pods)
-    got = simulate_nodes(fast, d, concurrency=conc)
-    for n in range(3):
-        _assert_same(got, simulate_node_naive(naive, d[:, n], concurrency=conc), n)
+    got = _fast_equals_naive(fast, naive, d, concurrency=conc)
     # the comparison is not vacuous: contention happened and pods finished
     assert (got.done < INF).all()
 
@@ -63,10 +74,7 @@ def test_tight_capacities_and_stop_phase_equal():
         d = draw_nodes(naive, seed=3, chain="sandbox", flavor="runc", phase=1, lo=0, hi=2,
                        pods=25)
         t0 = np.array([5_000_000, 7_000_000], dtype=np.int64)
-        got = simulate_nodes(fast, d, concurrency=8, t0=t0)
-        for n in range(2):
-            _assert_same(got, simulate_node_naive(naive, d[:, n], concurrency=8,
-                                                  t0=int(t0[n])), n)
+        _fast_equals_naive(fast, naive, d, concurrency=8, t0=t0)
 
 
 def test_open_loop_with_padding_equals_naive():
@@ -75,9 +83,7 @@ def test_open_loop_with_padding_equals_naive():
     arr = np.cumsum(rng.exponential(0.015e9, size=(3, 30)), axis=1).astype(np.int64)
     arr[1, 22:] = INF  # a node that received fewer pods
     d = draw_nodes(naive, seed=2, chain="shim", flavor="runc", phase=0, lo=0, hi=3, pods=30)
-    got = simulate_nodes(fast, d, arrivals=arr)
-    for n in range(3):
-        _assert_same(got, simulate_node_naive(naive, d[:, n], arrivals=arr[n]), n)
+    got = _fast_equals_naive(fast, naive, d, arrivals=arr)
     assert (got.end[:, 1, 22:] == INF).all()
 
 
@@ -145,9 +151,7 @@ def test_two_limit_closed_loop_fast_equals_naive(chain, flavor, boot, conc, pods
     fast, naive = _two_limit_programs(chain, flavor, boot, start_sequence(containers),
                                       min(conc, pods), node)
     d = draw_nodes(naive, seed=9, chain=chain, flavor=flavor, phase=0, lo=0, hi=3, pods=pods)
-    got = simulate_nodes(fast, d, concurrency=conc)
-    for n in range(3):
-        _assert_same(got, simulate_node_naive(naive, d[:, n], concurrency=conc), n)
+    got = _fast_equals_naive(fast, naive, d, concurrency=conc)
     assert (got.done < INF).all()
     if conc > 1:
         assert fast.queued_pools  # the queued-pool path ran, not the plain recursion
@@ -160,16 +164,12 @@ def test_two_limit_open_loop_and_stop_phase_equal_naive():
     arr = np.cumsum(rng.exponential(0.004e9, size=(3, 30)), axis=1).astype(np.int64)
     arr[2, 25:] = INF
     d = draw_nodes(naive, seed=4, chain="sandbox", flavor="runc", phase=0, lo=0, hi=3, pods=30)
-    got = simulate_nodes(fast, d, arrivals=arr)
-    for n in range(3):
-        _assert_same(got, simulate_node_naive(naive, d[:, n], arrivals=arr[n]), n)
+    got = _fast_equals_naive(fast, naive, d, arrivals=arr)
     assert (got.end[:, 2, 25:] == INF).all()
     fast, naive = _two_limit_programs("sandbox", "runc", "restore", stop_sequence(2), 8, node)
     d = draw_nodes(naive, seed=5, chain="sandbox", flavor="runc", phase=1, lo=0, hi=2, pods=20)
     t0 = np.array([3_000_000, 9_000_000], dtype=np.int64)
-    got = simulate_nodes(fast, d, concurrency=8, t0=t0)
-    for n in range(2):
-        _assert_same(got, simulate_node_naive(naive, d[:, n], concurrency=8, t0=int(t0[n])), n)
+    _fast_equals_naive(fast, naive, d, concurrency=8, t0=t0)
 
 
 def test_a_worker_waiting_for_a_core_stalls_the_calls_behind_it():
@@ -279,9 +279,7 @@ def test_no_contended_step_closed_loop_equals_naive():
     naive = build_program(model, start_sequence(1), node, 3, prune=False, sharing="fifo")
     assert not fast.limited
     d = draw_nodes(naive, seed=6, chain="shim", flavor="runc", phase=0, lo=0, hi=2, pods=10)
-    got = simulate_nodes(fast, d, concurrency=3)
-    for n in range(2):
-        _assert_same(got, simulate_node_naive(naive, d[:, n], concurrency=3), n)
+    _fast_equals_naive(fast, naive, d, concurrency=3)
 
 
 def test_a_loaded_event_loop_is_not_announced():

@@ -12,7 +12,7 @@ from sim.cores import PSCores, advance, due
 from sim.fast import simulate_nodes
 from sim.model import INF, draw_nodes, simulate_node_naive
 from sim.scenario_model import SettingsError, parse_settings
-from test_sim_fast import _assert_same, _seeded_digest, _two_limit
+from test_sim_fast import _fast_equals_naive, _seeded_digest, _two_limit
 
 CAL = prior_calibration()
 MS = 1_000_000
@@ -107,9 +107,7 @@ def test_ps_closed_loop_fast_equals_naive(chain, flavor, boot, two, conc, pods, 
     fast, naive = _ps_programs(chain, flavor, boot, start_sequence(containers),
                                min(conc, pods), node, two)
     d = draw_nodes(naive, seed=9, chain=chain, flavor=flavor, phase=0, lo=0, hi=3, pods=pods)
-    got = simulate_nodes(fast, d, concurrency=conc)
-    for n in range(3):
-        _assert_same(got, simulate_node_naive(naive, d[:, n], concurrency=conc), n)
+    got = _fast_equals_naive(fast, naive, d, concurrency=conc)
     assert (got.done < INF).all()
     if two:
         assert any(naive.wait_first)
@@ -139,18 +137,13 @@ def test_ps_open_loop_and_stop_phase_equal_naive():
         arr[2, 25:] = INF
         d = draw_nodes(naive, seed=4, chain="sandbox", flavor="runc", phase=0, lo=0, hi=3,
                        pods=30)
-        got = simulate_nodes(fast, d, arrivals=arr)
-        for n in range(3):
-            _assert_same(got, simulate_node_naive(naive, d[:, n], arrivals=arr[n]), n)
+        got = _fast_equals_naive(fast, naive, d, arrivals=arr)
         assert (got.end[:, 2, 25:] == INF).all()
         fast, naive = _ps_programs("shim", "runc", "restore", stop_sequence(2), 8, node, two)
         d = draw_nodes(naive, seed=5, chain="shim", flavor="runc", phase=1, lo=0, hi=2,
                        pods=20)
         t0 = np.array([3_000_000, 9_000_000], dtype=np.int64)
-        got = simulate_nodes(fast, d, concurrency=8, t0=t0)
-        for n in range(2):
-            _assert_same(got, simulate_node_naive(naive, d[:, n], concurrency=8,
-                                                  t0=int(t0[n])), n)
+        _fast_equals_naive(fast, naive, d, concurrency=8, t0=t0)
 
 
 def test_the_setting_reaches_the_model():
@@ -247,9 +240,7 @@ def test_offpath_jobs_fast_equals_naive(sharing, chain, conc, pods, containers, 
     naive = build_program(model, calls, caps, min(conc, pods), prune=False, sharing=sharing)
     assert any(off for _, off in fast.stages)
     d = draw_nodes(naive, seed=11, chain=chain, flavor="runc", phase=0, lo=0, hi=3, pods=pods)
-    got = simulate_nodes(fast, d, concurrency=conc)
-    for n in range(3):
-        _assert_same(got, simulate_node_naive(naive, d[:, n], concurrency=conc), n)
+    got = _fast_equals_naive(fast, naive, d, concurrency=conc)
     plain = build_program(_accept_first(CAL.model(chain, "runc", "restore")), calls, caps,
                           min(conc, pods), prune=True, sharing=sharing)
     base = simulate_nodes(plain, d, concurrency=conc)
