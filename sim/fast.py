@@ -141,8 +141,10 @@ def simulate_nodes(program: Program, d: np.ndarray, *, concurrency: int | None =
     if (n_st or closed) and b and pods:  # (open loop with nothing contended: no events)
         kind, bare, res_of, chold = stage_kinds(program, d, hold)
         caps = np.asarray(program.capacities or (1,), dtype=np.int64)
-        run_nodes(kind, bare, res_of, caps, program.core_index, program.shares_cores, closed,
-                  counter, pre, hold, chold, submit, t_next, grant)
+        core, ps = program.core_index, program.shares_cores
+        run_nodes(kind, bare, res_of, caps, int(caps.max()), core, int(caps[core]) if ps else 1,
+                  ps, closed, n_st, int((kind == OFF).sum()), counter, pre, hold, chold,
+                  submit, t_next, grant)
     if n_st != len(program.limited):  # step_times wants the grants of the limits only
         grant = grant[[j for j, (_, off) in enumerate(stages) if not off]]
     return step_times(program, d, submit, grant)
