@@ -513,7 +513,9 @@ def remove_run_base(run_base: Path, run_id: str) -> list[str]:
     forced: list[str] = []
     kill_cgroup_tasks(f"/chainbench-{run_id}")
     if run_base.exists():
-        forced += [f"mount {m}" for m in mounts_below(run_base)]
+        # The run dir's own tmpfs (bench.statefs) is the run's, not a leftover of a chain;
+        # remove_tree unmounts it with the rest, so its files never touch the disk's journal.
+        forced += [f"mount {m}" for m in mounts_below(run_base, include_self=False)]
         remove_tree(run_base)
     forced += [f"cgroup {d} (busy)" for d in remove_cgroups(f"/chainbench-{run_id}")]
     return forced

@@ -47,6 +47,7 @@ from bench.loadoptions import Options, parse_args
 from bench.probes import (accel_mode, cgroup_cpu, cpu_children_seconds, cpu_seconds,
                           process_table, read_memory, read_threads, scope_processes,
                           tool_versions)
+from bench.statefs import MOUNTED, mount_tmpfs
 from bench.variants import Variant
 from reports.schema import HostFacts, RunMeta, write_run
 from scenarios.loader import ScenarioError
@@ -133,6 +134,7 @@ class Bench:
         self.interrupted = False
         self.leftovers: list[str] = []
         self.forced: list[str] = []
+        self.run_dir_fs = ""
 
     # -- progress --------------------------------------------------------------------------------
     def say(self, msg: str) -> None:
@@ -141,6 +143,10 @@ class Bench:
     # -- set-up ----------------------------------------------------------------------------------
     async def start_chains(self) -> None:
         self.run_base.mkdir(parents=True, exist_ok=True)
+        self.run_dir_fs = mount_tmpfs(self.run_base)
+        if self.run_dir_fs != MOUNTED and self.run_dir_fs != "tmpfs":
+            self.say(f"warning: run dir on {self.run_dir_fs}: file metadata stalls of that "
+                     "filesystem will show in the timings (bench.statefs)")
         vidx = {v.name: i for i, v in enumerate(self.o.variants)}
         for variant, name in self.o.lanes():
             chain = make_chain(name, self.run_base, self.run_id, schema=self.o.schema,
@@ -394,6 +400,7 @@ class Bench:
                        "interleave": "blocks, rotating chain order", "block": self.o.block,
                        "clock": "chain-active (submit_s/ready_s); wall in submit_wall_s",
                        "memory_points": list(self.sc.memory_points()),
+                       "run_dir_fs": self.run_dir_fs,
                        "stop_timeout_s": self.o.stop_timeout_s,
                        "schema": self.o.schema if name == "sandbox" else "",
                        "boot": self.sc.boot if self.sc.flavor == "microvm" else "",

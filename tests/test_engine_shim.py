@@ -72,8 +72,9 @@ def assert_no_leftovers(eng: EngineProcess, ids: list[str], sockets: list[str] =
     for i in ids:
         assert not glob.glob(f"/sys/fs/cgroup/*/chainbench/{i}"), f"cgroup of {i} left"
         assert not find_processes(cgroup_contains=i), f"process in cgroup {i} left"
-    runc_root = f"/run/containerd/runc/{eng.namespace}"
+    runc_root = f"{eng.state_dir}/runc/{eng.namespace}"
     assert not os.path.exists(runc_root) or not os.listdir(runc_root)
+    assert not os.path.exists(f"/run/containerd/runc/{eng.namespace}")
     if eng.proc is None:  # a stopped engine also removes its empty runc root
         assert not os.path.exists(runc_root)
 
@@ -103,6 +104,11 @@ def test_shim_chain_full_lifecycle(engine: EngineProcess) -> None:
                            timeout=T)
     assert cs.status.state == cri.CONTAINER_RUNNING and cs.status.started_at > 0
     ctr_pid = int(cs.info["pid"])
+    # runc keeps its state under the engine's state dir (Task.Create's runc options), not in
+    # the shim's default root on the disk
+    for i in (sid, cid):
+        assert os.path.isfile(f"{engine.state_dir}/runc/{engine.namespace}/{i}/state.json")
+        assert not os.path.exists(f"/run/containerd/runc/{engine.namespace}/{i}")
     # the container joined the pause's ipc namespace
     pause_pid = int(info["pid"])
     assert os.readlink(f"/proc/{ctr_pid}/ns/ipc") == os.readlink(f"/proc/{pause_pid}/ns/ipc")

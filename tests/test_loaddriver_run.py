@@ -55,6 +55,8 @@ def _check_run(out: Path, chain: str, pods: int) -> dict:
     assert (per_pod["cpu_s"] > 0).all()
     assert ((per_pod["cpu_s"] * 100) % 1 > 1e-6).any()  # not whole ticks
     assert run.meta.extra["leftovers"] == []
+    # the run's state lived on a tmpfs of its own (bench.statefs), gone with the run
+    assert run.meta.extra["run_dir_fs"] in ("tmpfs (mounted for the run)", "tmpfs")
     rid = run.meta.extra["run_id"]
     assert run_leftovers(RUN_ROOT / rid, rid) == []
     return run.meta.extra

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import any_pb2
 
 from bench.engine.config import EngineConfig, RuntimeConfig
 from bench.engine.controller import ContainerRun, ExitInfo, StartInfo, StatusCallback, call_timeout
@@ -33,6 +34,7 @@ from bench.engine.tasks import TaskApiController, is_unavailable, ts_ns
 from bench.processes import ProcessRegistry, process_start_ticks
 from bench.rpc.pb import containerd_task_types_pb2 as task_types
 from bench.rpc.pb import cri_v1_pb2 as cri
+from bench.rpc.pb import runc_options_pb2
 from bench.runtimes import assets, oci
 from bench.runtimes.shimv2 import (ShimConfig, ShimError, ShimHandle, delete_shim,
                                    find_shim_daemon, remove_stale_socket, socket_path_of,
@@ -42,7 +44,11 @@ from bench.tracing import Tracer
 log = logging.getLogger("chainbench.engine.shim")
 
 _SHIM_EXIT_GRACE_S = 3.0
-RUNC_ROOT = "/run/containerd/runc"  # containerd-shim-runc-v2's default runc --root parent
+# runc's state (runc --root <root>/<namespace>): under the engine's state dir, so on the run's
+# tmpfs (bench.statefs) — what containerd's CRI plugin does with a runtime's `Root` option.
+# containerd-shim-runc-v2's default, /run/containerd/runc, is a directory of the disk on these
+# machines, and runc rewrites its state.json on every create, start and delete.
+RUNC_OPTIONS_TYPE_URL = "containerd.runc.v1.Options"
 
 
 class _EngineRegistry(ProcessRegistry):
@@ -83,6 +89,7 @@ class ShimController(TaskApiController):
                                timeout=cfg.call_timeout_s, registry=self.registry)
         self.rootfs = ""
         self._pods: dict[str, _Pod] = {}
+        self.runc_root = os.path.join(cfg.state_dir, "runc")
 
     async def init(self) -> None:
         # Built once into the cache; later engines find it there.
@@ -90,15 +97,24 @@ class ShimController(TaskApiController):
 
     async def close(self) -> None:
         await super().close()
-        # The runc shim's default runc root for our namespace: gone once it is empty (never
+        # runc's root for our namespace: gone once it is empty (never
         # forced: pods left running for the next engine keep their state there).
         try:
-            os.rmdir(f"{RUNC_ROOT}/{self.cfg.namespace}")
+            os.rmdir(f"{self.runc_root}/{self.cfg.namespace}")
         except OSError:
             pass
 
     def _address(self, sb: Sandbox) -> str:
         return str(sb.status.backend.get("shim_address") or sb.status.task_address)
+
+    def _create_options(self, run: ContainerRun | None = None) -> any_pb2.Any | None:
+        """Task.Create's runc options (the runc root), for the pause and every container of
+        the runc shim; another shim (the vm shim) reads `options` as its own."""
+        if self.rt.vm or not os.path.basename(self.rt.shim_binary).startswith(
+                "containerd-shim-runc"):
+            return None
+        opts = runc_options_pb2.Options(root=self.runc_root)
+        return any_pb2.Any(type_url=RUNC_OPTIONS_TYPE_URL, value=opts.SerializeToString())
 
     def _bundle(self, id_: str) -> Path:
         return self.store.bundle_dir(id_)
@@ -134,7 +150,7 @@ class ShimController(TaskApiController):
                              "shim_ticks": process_start_ticks(handle.pid) or 0}
         await self._dial(sb, handle.address, call)
         await self._task(sb, call, "task.create", "shim Task.Create of the pause", "create",
-                         id=sb.id, bundle=str(bundle))
+                         id=sb.id, bundle=str(bundle), options=self._create_options())
 
     async def start(self, sb: Sandbox, call: str) -> StartInfo:
         resp = await self._task(sb, call, "task.start", "shim Task.Start of the pause", "start",
