@@ -37,6 +37,9 @@ STEPS: frozenset[str] = frozenset(
         "cri.reply",
         # shim chain
         "shim.spawn",
+        # the engine forking the shim's `start` until it exec'd: blocks the engine's loop (then
+        # shim.spawn: `start` runs until it printed the daemon's address)
+        "shim.launch",
         "shim.shutdown",
         "shim.delete",
         # task API (both chains)
@@ -116,6 +119,7 @@ RUN_POD_STEPS: dict[tuple[str, str], tuple[StepRef, ...]] = {
     ("shim", "runc"): (
         StepRef("cri.recv", "engine"),
         StepRef("engine.prepare", "engine"),
+        StepRef("shim.launch", "engine"),
         StepRef("shim.spawn", "engine"),
         StepRef("task.connect", "engine"),
         StepRef("task.create", "shim"),
@@ -135,6 +139,7 @@ RUN_POD_STEPS: dict[tuple[str, str], tuple[StepRef, ...]] = {
     ("shim", "microvm"): (
         StepRef("cri.recv", "engine"),
         StepRef("engine.prepare", "engine"),
+        StepRef("shim.launch", "engine"),
         StepRef("shim.spawn", "engine"),
         StepRef("task.connect", "engine"),
         StepRef("vm.boot", "vmm"),

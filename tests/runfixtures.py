@@ -22,7 +22,8 @@ MB = 1024 * 1024
 STEP_MS: dict[str, float] = {
     "cri.recv": 0.08,
     "engine.prepare": 1.4,
-    "shim.spawn": 6.0,
+    "shim.launch": 1.5,
+    "shim.spawn": 4.5,
     "task.connect": 0.5,
     "task.create": 22.0,
     "task.start": 3.0,

@@ -137,10 +137,15 @@ def test_shim_chain_full_lifecycle(engine: EngineProcess) -> None:
     assert_no_leftovers(engine, [sid, cid], [shim_sock])
 
     engine.stop()  # spans are flushed at exit
-    steps = {(r["call"], r["step"]) for r in read_spans(engine.trace_dir) if r["pod"] == sid}
-    for step in ("cri.recv", "engine.prepare", "shim.spawn", "task.connect", "task.create",
-                 "task.start", "engine.commit", "cri.reply"):
+    spans = [r for r in read_spans(engine.trace_dir) if r["pod"] == sid]
+    steps = {(r["call"], r["step"]) for r in spans}
+    for step in ("cri.recv", "engine.prepare", "shim.launch", "shim.spawn", "task.connect",
+                 "task.create", "task.start", "engine.commit", "cri.reply"):
         assert ("RunPodSandbox", step) in steps, step
+    # the shim's start in two adjacent spans: the fork on the engine's loop, then `start`
+    launch = next(r for r in spans if r["step"] == "shim.launch")
+    spawn = next(r for r in spans if r["step"] == "shim.spawn")
+    assert launch["start_ns"] < launch["end_ns"] == spawn["start_ns"] < spawn["end_ns"]
     assert ("CreateContainer", "task.create") in steps
     assert ("RemovePodSandbox", "shim.shutdown") in steps
 

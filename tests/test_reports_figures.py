@@ -53,8 +53,8 @@ def test_step_waterfall_orders_steps_like_the_vocabulary(session: list[Run],
     assert len(axes) == 2  # containerd has no spans of ours: no panel
     shim_ax = axes[0]
     ticks = [t.get_text() for t in shim_ax.get_yticklabels()]
-    assert ticks == ["cri.recv", "engine.prepare", "shim.spawn", "task.connect", "task.create",
-                     "task.start", "engine.commit", "cri.reply"]
+    assert ticks == ["cri.recv", "engine.prepare", "shim.launch", "shim.spawn", "task.connect",
+                     "task.create", "task.start", "engine.commit", "cri.reply"]
     assert "median pod" in shim_ax.get_title(loc="left")
     assert axes[-1].get_xlabel().endswith("(ms)")
     shim = next(r for r in session if r.meta.chain == "shim")

@@ -156,6 +156,9 @@ class ShimHandle:
     config: ShimConfig
     log_path: Path | None = None
     start_s: float = 0.0  # wall time of the `start` action
+    # perf_counter_ns before and after the fork/exec of `start`: asyncio's subprocess launch
+    # runs on the caller's event loop, which it blocks until the child has exec'd
+    launch_ns: tuple[int, int] = (0, 0)
     containers: dict[str, Path] = field(default_factory=dict)  # id -> bundle to `delete`
     _drain: _LogDrain | None = field(default=None, repr=False)
     _token: int | None = field(default=None, repr=False)
@@ -342,11 +345,13 @@ async def start_shim(config: ShimConfig, id: str, bundle: str | os.PathLike[str]
     reg = config.reg
     t0 = time.perf_counter()
     try:
+        launch0 = time.perf_counter_ns()
         proc = await reg.spawn(*config.argv(id, "start"), role="shim-start", label=id, cwd=str(b),
                                env=config.env(),
                                stdin=asyncio.subprocess.PIPE if runtime_options is not None
                                else asyncio.subprocess.DEVNULL,
                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        launch = (launch0, time.perf_counter_ns())
         try:
             stdout, stderr = await asyncio.wait_for(proc.communicate(runtime_options),
                                                     config.timeout)
@@ -376,7 +381,7 @@ async def start_shim(config: ShimConfig, id: str, bundle: str | os.PathLike[str]
         drain.close()
         raise
     handle = ShimHandle(id=id, bundle=b, address=address, pid=pid, config=config,
-                        log_path=out, start_s=start_s, _drain=drain)
+                        log_path=out, start_s=start_s, launch_ns=launch, _drain=drain)
     handle._tracked = reg.register(pid, "shim", id, group=True, stop_signal=signal.SIGKILL)
     handle._token = reg.add_finalizer(f"shim {id}", handle.cleanup_sync)
     handle.track_container(id, b)
