@@ -376,7 +376,7 @@ def find_processes(*, under: str | os.PathLike[str] | None = None,
 
 
 # -- mounts and trees --------------------------------------------------------------------------
-def _unescape_mount(s: str) -> str:
+def unescape_mount(s: str) -> str:
     # mountinfo escapes space, tab, newline and backslash as \ooo
     out, i = [], 0
     while i < len(s):
@@ -395,7 +395,7 @@ def mounts_below(path: str | os.PathLike[str], *, include_self: bool = True) -> 
     found = []
     with open("/proc/self/mountinfo") as fh:
         for line in fh:
-            mp = _unescape_mount(line.split()[4])
+            mp = unescape_mount(line.split()[4])
             if (include_self and mp == root) or mp.startswith(root.rstrip("/") + "/"):
                 found.append(mp)
     return sorted(set(found), key=lambda p: (-p.count("/"), p))
