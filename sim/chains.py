@@ -337,15 +337,15 @@ def _shape_calls(chain: str, flavor: str) -> dict[str, list[tuple[str, str]]]:
 
 
 # Which limit a step queues on, by (step, component).  Engine bookkeeping serialises on the
-# engine's workers, and so does the fork/exec of a shim's `start` (shim.launch: asyncio runs it
-# on the loop, blocked until the child has exec'd); fork/exec-heavy work (the rest of the shim's
-# start, runc) competes for cores; every Sandbox API call (gRPC Controller) on the sandboxer's
-# request workers — bench shows them served one at a time, in arrival order, however many pods
-# wait; VM boots on boot slots.
+# engine's workers; fork/exec-heavy work (a shim's `start`: its fork until the exec, shim.launch,
+# done in a worker thread as containerd does it in a goroutine, then the rest, shim.spawn; runc)
+# competes for cores; every Sandbox API call (gRPC Controller) on the sandboxer's request
+# workers — bench shows them served one at a time, in arrival order, however many pods wait;
+# VM boots on boot slots.
 _LIMIT_BY_STEP: dict[tuple[str, str], str] = {
     ("engine.prepare", "engine"): "engine_workers",
     ("engine.commit", "engine"): "engine_workers",
-    ("shim.launch", "engine"): "engine_workers",
+    ("shim.launch", "engine"): "cores",
     ("shim.spawn", "engine"): "cores",
     ("shim.delete", "engine"): "cores",
     ("task.create", "shim"): "cores",

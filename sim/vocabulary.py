@@ -37,8 +37,8 @@ STEPS: frozenset[str] = frozenset(
         "cri.reply",
         # shim chain
         "shim.spawn",
-        # the engine forking the shim's `start` until it exec'd: blocks the engine's loop (then
-        # shim.spawn: `start` runs until it printed the daemon's address)
+        # the engine forking the shim's `start` until it exec'd (then shim.spawn: `start` runs
+        # until it printed the daemon's address)
         "shim.launch",
         "shim.shutdown",
         "shim.delete",

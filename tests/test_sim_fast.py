@@ -115,9 +115,9 @@ def test_golden_realisation_digest():
     assert digest == GOLDEN, digest
 
 
-# Changed on purpose (was bd4327301da7fd6d): the prior shim chain starts its shim in two steps,
-# shim.launch on the engine's loop and shim.spawn after it.
-GOLDEN = "bf4f0ade7a4c8c7c"
+# Changed on purpose (was bd4327301da7fd6d): the prior shim chain starts its shim in two steps
+# on the cores, shim.launch (fork until exec) and shim.spawn.
+GOLDEN = "ec08f67ee3ded13c"
 
 
 # --- two-limit steps: a pool held for the step, a core for its CPU part inside it ----------

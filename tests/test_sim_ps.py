@@ -168,7 +168,7 @@ def test_ps_golden_realisation_digest():
 
 
 # Changed on purpose (was 237257edee422c14): shim.launch, as in test_sim_fast's GOLDEN.
-GOLDEN_PS = "1603d00a4a6ab4e4"
+GOLDEN_PS = "814fb9c3c3a1dfef"
 
 
 def test_core_sharing_setting_and_calibration_field():

@@ -146,8 +146,9 @@ class ShimController(TaskApiController):
                     await asyncio.sleep(extra * (time.perf_counter_ns() - t0) / 1e9)
             finally:
                 # Two adjacent spans (a pod's steps still add up): shim.launch until `start`
-                # has exec'd — asyncio forks it on the loop and blocks the loop until the exec,
-                # so every other pod waits too — then shim.spawn until it printed its address.
+                # has exec'd (forked in a worker thread, bench.offloop: under load the child
+                # waits for a core before it can exec), then shim.spawn until it printed its
+                # address.
                 mid = handle.launch_ns[1] if handle is not None else t0
                 if handle is not None:
                     self.tracer.record(sb.id, call, "shim.launch", t0, mid)

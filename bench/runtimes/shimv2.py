@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import offloop
 from bench.processes import REGISTRY, ProcessRegistry, Tracked, process_start_ticks
 from bench.sockets import socket_answers
 from bench.runtimes.events import EVENTS_SERVICE, EventReceiver, TaskEvent
@@ -156,8 +157,7 @@ class ShimHandle:
     config: ShimConfig
     log_path: Path | None = None
     start_s: float = 0.0  # wall time of the `start` action
-    # perf_counter_ns before and after the fork/exec of `start`: asyncio's subprocess launch
-    # runs on the caller's event loop, which it blocks until the child has exec'd
+    # perf_counter_ns before and after the fork/exec of `start` (until the child exec'd)
     launch_ns: tuple[int, int] = (0, 0)
     containers: dict[str, Path] = field(default_factory=dict)  # id -> bundle to `delete`
     _drain: _LogDrain | None = field(default=None, repr=False)
@@ -346,23 +346,27 @@ async def start_shim(config: ShimConfig, id: str, bundle: str | os.PathLike[str]
     t0 = time.perf_counter()
     try:
         launch0 = time.perf_counter_ns()
-        proc = await reg.spawn(*config.argv(id, "start"), role="shim-start", label=id, cwd=str(b),
-                               env=config.env(),
-                               stdin=asyncio.subprocess.PIPE if runtime_options is not None
-                               else asyncio.subprocess.DEVNULL,
-                               stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        # Forked in a worker thread (bench.offloop): the caller's loop serves other pods
+        # meanwhile, as containerd's goroutines do.  Its own session: a terminal Ctrl-C does
+        # not hit it before we clean up in order.
+        proc = await offloop.popen(config.argv(id, "start"), cwd=str(b), env=config.env(),
+                                   stdin=subprocess.PIPE if runtime_options is not None
+                                   else subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   start_new_session=True)
         launch = (launch0, time.perf_counter_ns())
+        reg.register(proc.pid, "shim-start", id, group=True)
         try:
-            stdout, stderr = await asyncio.wait_for(proc.communicate(runtime_options),
+            stdout, stderr = await asyncio.wait_for(offloop.communicate(proc, runtime_options),
                                                     config.timeout)
         except BaseException:
             # timed out or cancelled: `start` may already have forked the daemon
-            if proc.returncode is None:
+            if proc.poll() is None:
                 try:
                     os.killpg(proc.pid, signal.SIGKILL)  # its own session: no one else in it
                 except ProcessLookupError:
                     pass
-                await asyncio.shield(proc.wait())
+                await asyncio.shield(offloop.wait(proc))
             _kill_orphan_daemon(config, id, b, proc.pid)
             raise
         finally:

@@ -10,8 +10,11 @@ import asyncio
 import json
 import os
 import shutil
+import subprocess
 from dataclasses import dataclass
 from typing import Any
+
+from bench import offloop
 
 RUNC = os.environ.get("CHAINBENCH_RUNC") or shutil.which("runc") or "runc"
 
@@ -39,11 +42,18 @@ class Runc:
             argv += ["--log", log, "--log-format", "json"]
         argv += list(args)
         capture = stdout is None
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=stdin if stdin is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE if capture else stdout,
-            stderr=asyncio.subprocess.PIPE if stderr is None else stderr)
-        out, err = await proc.communicate()
+        # Forked and waited for in a worker thread (bench.offloop): the sandboxer's loop goes on
+        # serving other pods' calls, as a tokio runtime's other workers do.
+        proc = await offloop.popen(
+            argv, stdin=stdin if stdin is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if capture else stdout,
+            stderr=subprocess.PIPE if stderr is None else stderr)
+        try:
+            out, err = await offloop.communicate(proc)
+        except asyncio.CancelledError:
+            # runc finishes on its own (its work is bounded); reap it rather than leave a zombie
+            await asyncio.shield(offloop.wait(proc))
+            raise
         if proc.returncode != 0:
             msg = (err or b"").decode(errors="replace")
             if log:
