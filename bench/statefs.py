@@ -10,10 +10,10 @@ files, so the next journal commits stall metadata operations for seconds.  Measu
 kind of machine (runc-seq then runc-c10 back to back, as `make validation` runs them): the
 Python engines' engine.prepare took 4-13 ms for the first ~5 s of the c10 session and 1-2 ms
 afterwards, and 0.3-0.8 ms throughout on a tmpfs; the sandbox chain's RunPodSandbox p95 at
-c10 went from 180-255 ms (six 5-session sets) to 63-90 ms (five).  Those stalls belong to the machine, not to either chain,
-so a run mounts a tmpfs on its own run dir and unmounts it at the end (the run's leftover
-check sees a mount that outlives it).  Where mounting is not allowed the run goes on, on the
-plain directory, and run.json says so (`run_dir_fs`).
+c10 went from 180-255 ms (six 5-session sets) to 63-90 ms (five).  Those stalls belong to the
+machine, not to either chain, so a run mounts a tmpfs on its own run dir and unmounts it at the
+end (the run's leftover check sees a mount that outlives it).  Where mounting is not allowed
+the run goes on, on the plain directory, and run.json says so (`run_dir_fs`).
 """
 from __future__ import annotations
 
