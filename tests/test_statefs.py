@@ -34,3 +34,22 @@ def test_mount_tmpfs_once_and_remove_tree_takes_it_away(tmp_path: Path):
     finally:
         remove_tree(d)
     assert not d.exists() and mounts_below(d) == []
+
+
+def test_a_refused_mount_is_reported_not_raised(tmp_path: Path, monkeypatch):
+    """Without CAP_SYS_ADMIN (a container, a non-root user) the run goes on, on the plain
+    directory, and says so in run.json."""
+    from bench.sandboxer import nspin
+
+    def refuse(*_a, **_k):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(nspin, "mount", refuse)
+    d = tmp_path / "run"
+    d.mkdir()
+    got = mount_tmpfs(d)
+    if filesystem_of(d) == "tmpfs":  # tmp_path itself on a tmpfs: nothing to mount
+        assert got == "tmpfs"
+    else:
+        assert got == f"{filesystem_of(d)} (tmpfs mount failed: Operation not permitted)"
+        assert mounts_below(d) == []
