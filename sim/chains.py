@@ -404,6 +404,9 @@ class Program:
     wait_first: tuple[bool, ...] = field(default=())
     # Per step: ns of CPU started on the cores at its end, off the pod's path (Step.offpath).
     offpath: tuple[int, ...] = field(default=())
+    # With "ps": at most this many jobs share the cores, the rest wait in arrival order
+    # (limited processor sharing, sim.cores.PSCores); 0: no limit.
+    ps_limit: int = 0
 
     @property
     def stages(self) -> tuple[tuple[int, bool], ...]:
@@ -463,7 +466,8 @@ def stop_sequence(containers: int) -> list[str]:
 
 
 def build_program(model: ChainModel, calls: list[str], capacities: dict[str, int],
-                  max_in_flight: int, prune: bool = True, sharing: str = "fifo") -> Program:
+                  max_in_flight: int, prune: bool = True, sharing: str = "fifo",
+                  ps_limit: int = 0) -> Program:
     """Concatenate the steps of `calls` (one entry per call instance) and bind limits.
 
     A limit whose capacity is at least the pods that can be in flight on a node can never make
@@ -481,6 +485,8 @@ def build_program(model: ChainModel, calls: list[str], capacities: dict[str, int
     if off or any(s.cores > 0 for s in steps):
         used_set.add("cores")
     used = sorted(used_set, key=LIMITS.index)
+    if ps_limit < 0:
+        raise ChainError(f"ps_limit must be >= 0 (0: no limit), got {ps_limit}")
     for lim in used:
         if capacities.get(lim, 0) < 1:
             raise ChainError(f"limit {lim} needs a capacity >= 1, got {capacities.get(lim)}")
@@ -509,4 +515,5 @@ def build_program(model: ChainModel, calls: list[str], capacities: dict[str, int
                    instance=tuple(instance), core_hold=tuple(core_hold), sharing=sharing,
                    wait_first=tuple(s.wait_first and r >= 0
                                     for s, r in zip(steps, limit_index)),
-                   offpath=tuple(int(round(s.offpath * 1e9)) for s in steps) if off else ())
+                   offpath=tuple(int(round(s.offpath * 1e9)) for s in steps) if off else (),
+                   ps_limit=int(ps_limit) if sharing == "ps" else 0)

@@ -144,8 +144,9 @@ def simulate_chain(scenario: Scenario, settings: SimSettings, cal: Calibration, 
     prune = settings.engine == "fast"
     cps = int(scenario.containers_per_pod)
     sh = settings.core_sharing or cal.core_sharing
-    prog = build_program(model, start_sequence(cps), caps, in_flight, prune, sh)
-    stop_prog = build_program(model, stop_sequence(cps), caps, min(conc, pods), prune, sh)
+    lim = settings.core_limit or 0
+    prog = build_program(model, start_sequence(cps), caps, in_flight, prune, sh, lim)
+    stop_prog = build_program(model, stop_sequence(cps), caps, min(conc, pods), prune, sh, lim)
     total = pods * nodes if arr.times is None else int((arr.times < INF).sum())
     mode = settings.aggregate
     if mode == "auto":
@@ -247,7 +248,7 @@ def simulate_chain(scenario: Scenario, settings: SimSettings, cal: Calibration, 
         "schema": scenario.schema,
         "model": {"engine": settings.engine, "settings": settings.to_json(),
                   "capacities": caps, "contended_limits": list(prog.limits),
-                  "core_sharing": prog.sharing,
+                  "core_sharing": prog.sharing, "core_limit": prog.ps_limit,
                   "calibration": cal.provenance, "calibration_sources": cal.sources,
                   "nodes": nodes, "pods_per_node": pods, "rows": mode, "block": block,
                   "wall_s": round(wall, 3), "pods_per_wall_s": round(total / max(wall, 1e-9))},

@@ -18,6 +18,7 @@ reference do exactly this arithmetic in the same order, so both give bit-identic
 from __future__ import annotations
 
 import math
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -51,14 +52,20 @@ def due(t_last: Any, v: Any, tag: Any, n: Any, c: int) -> Any:
 
 
 class PSCores:
-    """The reference processor-sharing server of one node (SimPy)."""
+    """The reference processor-sharing server of one node (SimPy).
 
-    def __init__(self, env: simpy.Environment, cores: int) -> None:
+    `limit` > 0 makes it limited processor sharing: at most `limit` jobs share the cores and
+    later ones wait in arrival order, each let in (with its whole work) when one leaves.  A
+    waiting job does not move virtual time; the fast model does the same."""
+
+    def __init__(self, env: simpy.Environment, cores: int, limit: int = 0) -> None:
         self.env = env
         self.c = int(cores)
+        self.limit = int(limit)
         self.v = 0.0
         self.t_last = int(env.now)
         self.jobs: dict[int, tuple[float, simpy.Event]] = {}
+        self.waiting: deque[tuple[int, simpy.Event]] = deque()
         self._gen = 0
         self._key = 0
 
@@ -69,8 +76,11 @@ class PSCores:
 
     def run(self, work: int) -> simpy.Event:
         """An event that fires when `work` ns of CPU have been served to this job."""
-        self._advance()
         ev = self.env.event()
+        if self.limit and len(self.jobs) >= self.limit:
+            self.waiting.append((work, ev))
+            return ev
+        self._advance()
         self._key += 1
         self.jobs[self._key] = (self.v + work, ev)
         self._schedule()
@@ -102,4 +112,8 @@ class PSCores:
         for k in gone:
             _, ev = self.jobs.pop(k)
             ev.succeed()
+        while self.waiting and len(self.jobs) < self.limit:
+            work, ev = self.waiting.popleft()
+            self._key += 1
+            self.jobs[self._key] = (self.v + work, ev)
         self._schedule()

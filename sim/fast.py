@@ -143,8 +143,8 @@ def simulate_nodes(program: Program, d: np.ndarray, *, concurrency: int | None =
         caps = np.asarray(program.capacities or (1,), dtype=np.int64)
         core, ps = program.core_index, program.shares_cores
         run_nodes(kind, bare, res_of, caps, int(caps.max()), core, int(caps[core]) if ps else 1,
-                  ps, closed, n_st, int((kind == OFF).sum()), counter, pre, hold, chold,
-                  submit, t_next, grant)
+                  ps, program.ps_limit if ps else 0, closed, n_st, int((kind == OFF).sum()),
+                  counter, pre, hold, chold, submit, t_next, grant)
     if n_st != len(program.limited):  # step_times wants the grants of the limits only
         grant = grant[[j for j, (_, off) in enumerate(stages) if not off]]
     return step_times(program, d, submit, grant)

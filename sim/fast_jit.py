@@ -142,10 +142,15 @@ def _pool_granted(i: int, j: int, t: int, node: int, kind: np.ndarray, hold: np.
 
 @numba.njit(cache=True, nogil=True)  # a Dask worker's threads then simulate side by side
 def run_nodes(kind: np.ndarray, bare: np.ndarray, res_of: np.ndarray, caps: np.ndarray,
-              cmax: int, core: int, n_cores: int, ps: bool, closed: bool, n_lim: int,
-              n_off: int, counter0: int, pre: np.ndarray, hold: np.ndarray, chold: np.ndarray,
-              submit: np.ndarray, t_next: np.ndarray, grant: np.ndarray) -> None:
+              cmax: int, core: int, n_cores: int, ps: bool, ps_lim: int, closed: bool,
+              n_lim: int, n_off: int, counter0: int, pre: np.ndarray, hold: np.ndarray,
+              chold: np.ndarray, submit: np.ndarray, t_next: np.ndarray,
+              grant: np.ndarray) -> None:
     """Every node of the batch, one after another; writes submit (closed loop) and grant.
+
+    ps_lim > 0: at most that many jobs share the cores; a later one waits in arrival order
+    (ring wq) without moving virtual time, and a departure lets the waiting in, each with
+    its whole work, before the next departure is computed (sim.cores.PSCores's `limit`).
 
     n_lim: stages per pod; n_off: of them, off-path starts (OFF), each a job of its own on
     the shared cores: pod i's m-th is job (m + 1) * pods + i, the pod's own CPU is job i.
@@ -174,6 +179,8 @@ def run_nodes(kind: np.ndarray, bare: np.ndarray, res_of: np.ndarray, caps: np.n
     tag = np.empty(jobs, dtype=np.float64)
     gt = np.empty(2 * jobs, dtype=np.int64)
     gone = np.empty(jobs, dtype=np.int64)
+    wq_job = np.empty(jobs, dtype=np.int64)
+    wq_work = np.empty(jobs, dtype=np.int64)
     # Core asks of one event, in the order they are made (a handed-over waiter first, then
     # the releasing pod's own next request): at most two.
     stk_i = np.empty(4, dtype=np.int64)
@@ -201,6 +208,8 @@ def run_nodes(kind: np.ndarray, bare: np.ndarray, res_of: np.ndarray, caps: np.n
         ps_n = 0
         ps_due = _INF
         ps_min = inf
+        wq_head = 0
+        wq_tail = 0
         while True:
             i = tt[1]
             t = tn[i]
@@ -226,6 +235,13 @@ def run_nodes(kind: np.ndarray, bare: np.ndarray, res_of: np.ndarray, caps: np.n
                     a = gt[1]
                     m = tag[a]
                 ps_n -= ng
+                if wq_head < wq_tail and ps_n < ps_lim:
+                    while wq_head < wq_tail and ps_n < ps_lim:
+                        a = wq_head % jobs
+                        _put(tag, gt, wq_job[a], v + wq_work[a])
+                        wq_head += 1
+                        ps_n += 1
+                    m = tag[gt[1]]
                 for k in range(ng):
                     g = gone[k]
                     if g >= pods:
@@ -278,6 +294,11 @@ def run_nodes(kind: np.ndarray, bare: np.ndarray, res_of: np.ndarray, caps: np.n
                     grant[ja, node, ask] = t
                     if not ps:
                         _recursion(free, core, cmax, t, w0)
+                    elif w0 > 0 and ps_lim > 0 and ps_n >= ps_lim:
+                        a = wq_tail % jobs
+                        wq_job[a] = (res_of[ja] + 1) * pods + ask
+                        wq_work[a] = w0
+                        wq_tail += 1
                     elif w0 > 0:
                         ps_v, ps_n, ps_min, ps_due = _arrive(
                             tag, gt, (res_of[ja] + 1) * pods + ask, w0, t, ps_v, ps_t, ps_n,
@@ -300,7 +321,11 @@ def run_nodes(kind: np.ndarray, bare: np.ndarray, res_of: np.ndarray, caps: np.n
                         ring[q, tail[q] % pods] = ask
                         tail[q] += 1
                         _put(tn, tt, ask, _INF)
-            for k in range(ns):
+            for kk in range(ns):
+                # With limited sharing the order of one instant's core asks decides who gets
+                # in: the reference's releasing pod asks before the waiter it handed its pool
+                # to (the stack holds them the other way round); plain sharing commutes.
+                k = ns - 1 - kk if ps_lim > 0 else kk
                 p = stk_i[k]
                 jp = stk_j[k]
                 w0 = chold[jp, node, p]
@@ -314,8 +339,14 @@ def run_nodes(kind: np.ndarray, bare: np.ndarray, res_of: np.ndarray, caps: np.n
                     _core_done(p, jp, t, node, n_lim, closed, bare, pre, hold, chold, grant,
                                tn, tt, seg, phase)
                     continue
-                ps_v, ps_n, ps_min, ps_due = _arrive(tag, gt, p, w0, t, ps_v, ps_t, ps_n,
-                                                     n_cores)
-                ps_t = t
+                if ps_lim > 0 and ps_n >= ps_lim:
+                    a = wq_tail % jobs
+                    wq_job[a] = p
+                    wq_work[a] = w0
+                    wq_tail += 1
+                else:
+                    ps_v, ps_n, ps_min, ps_due = _arrive(tag, gt, p, w0, t, ps_v, ps_t, ps_n,
+                                                         n_cores)
+                    ps_t = t
                 _put(tn, tt, p, _INF)
                 phase[p] = CORE_WAIT

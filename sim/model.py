@@ -147,7 +147,8 @@ def simulate_node_naive(program: Program, d: np.ndarray, *, concurrency: int | N
     lim = program.limit_index
     two = [bool(program.core_hold) and program.core_hold[i] > 0 for i in range(k)]
     cores = program.core_index
-    ps = PSCores(env, program.capacities[cores]) if program.shares_cores else None
+    ps = (PSCores(env, program.capacities[cores], program.ps_limit)
+          if program.shares_cores else None)
 
     def on_cores(work: int) -> Iterator[simpy.Event]:
         if ps is not None:

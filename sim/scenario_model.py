@@ -19,6 +19,8 @@
   engine = "fast"                 # fast | naive (reference SimPy model; small runs only)
   core_sharing = "ps"             # ps (processor sharing, as the kernel shares cores) | fifo;
                                   # default: the calibration's
+  core_limit = 0                  # ps: at most N jobs share the cores, later ones wait in
+                                  # arrival order (limited processor sharing); 0: no limit
   [sim.step_ms]                   # what-if median latency of any step, by name
   "task.create" = 10.0
 """
@@ -59,6 +61,7 @@ class SimSettings:
     aggregate: str = "auto"
     engine: str = "fast"
     core_sharing: str | None = None
+    core_limit: int = 0
     step_ms: dict[str, float] = field(default_factory=dict)
 
     def capacities(self, base: dict[str, int]) -> dict[str, int]:
@@ -91,9 +94,9 @@ def parse_settings(table: dict[str, Any], scenario_path: str = "") -> SimSetting
                 raise SettingsError(f"[sim] {key} must be one of {list(_CHOICES[key])}, "
                                     f"got {val!r}")
             kw[key] = val
-        elif key == "block":
+        elif key in ("block", "core_limit"):
             if not isinstance(val, int) or isinstance(val, bool) or val < 0:
-                raise SettingsError(f"[sim] block must be an integer >= 0, got {val!r}")
+                raise SettingsError(f"[sim] {key} must be an integer >= 0, got {val!r}")
             kw[key] = val
         elif key in ("nodes", "seed") or key in LIMITS:
             if not isinstance(val, int) or isinstance(val, bool) or val < (0 if key == "seed"

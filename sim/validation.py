@@ -155,13 +155,15 @@ def scenario_of(meta: RunMeta, pods: int) -> tuple[Scenario, int | None]:
 
 
 def predict(run: Run, cal: Calibration, replications: int = 20, seed: int = 1,
-            keep: list[pd.DataFrame] | None = None) -> dict[str, float | None]:
+            keep: list[pd.DataFrame] | None = None,
+            core_limit: int = 0) -> dict[str, float | None]:
     """Mean predicted figures for a bench run over `replications` seeds; with `keep`, every
     seed's simulated pods are appended to it (for the figure)."""
     scenario, block = scenario_of(run.meta, max(len(run.pods), 1))
     acc: dict[str, list[float]] = {m: [] for m in METRICS}
     for r in range(replications):
-        settings = SimSettings(seed=seed + r, aggregate="rows", stop=True, block=block)
+        settings = SimSettings(seed=seed + r, aggregate="rows", stop=True, block=block,
+                               core_limit=core_limit)
         res = simulate_chain(scenario, settings, cal, run.meta.chain)
         sim_run = Run(path=run.path, meta=RunMeta(scenario=scenario.name, source="sim",
                                                   chain=run.meta.chain, flavor=scenario.flavor,
@@ -177,10 +179,11 @@ def predict(run: Run, cal: Calibration, replications: int = 20, seed: int = 1,
 
 
 def validate(calibrate_on: list[str], validate_on: list[str], replications: int = 20,
-             seed: int = 1, pool: bool = True,
-             curves: list[Run] | None = None) -> tuple[Calibration, list[Score]]:
+             seed: int = 1, pool: bool = True, curves: list[Run] | None = None,
+             core_limit: int = 0) -> tuple[Calibration, list[Score]]:
     """Scores of every held-out group; with `curves`, the pooled measured and predicted pods
-    of each group are appended to it as runs (source bench / sim) for `figure`."""
+    of each group are appended to it as runs (source bench / sim) for `figure`.  core_limit:
+    the what-if of `[sim] core_limit` (limited processor sharing) for every prediction."""
     cal = calibrate(calibrate_on)
     try:
         runs = load_runs(validate_on)
@@ -209,7 +212,7 @@ def validate(calibrate_on: list[str], validate_on: list[str], replications: int 
               f"{f', {len(group)} sessions pooled' if len(group) > 1 else ''}) over "
               f"{replications} seeds", file=sys.stderr, flush=True)
         kept: list[pd.DataFrame] | None = [] if curves is not None else None
-        predicted = predict(run, cal, replications, seed, kept)
+        predicted = predict(run, cal, replications, seed, kept, core_limit)
         if curves is not None and kept:
             curves.append(_pooled_run(group, "bench", pd.concat(
                 [r.pods.assign(pod=f"s{i}/" + r.pods["pod"]) for i, r in enumerate(group)],
@@ -286,17 +289,20 @@ def main(argv: list[str]) -> int:
                     help="score every held-out session alone instead of pooling the sessions "
                          "of one scenario and chain")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ap.add_argument("--core-limit", type=int, default=0, metavar="N",
+                    help="what-if: at most N jobs share the cores, later ones wait in arrival "
+                         "order (limited processor sharing; default 0: plain sharing)")
     ap.add_argument("--plot", metavar="PNG",
                     help="also draw the measured and predicted RunPodSandbox CDFs into PNG")
     ns = ap.parse_args(argv)
-    if ns.threshold <= 0 or ns.replications < 1:
-        print("chainbench validate: --threshold must be > 0 and --replications >= 1",
-              file=sys.stderr)
+    if ns.threshold <= 0 or ns.replications < 1 or ns.core_limit < 0:
+        print("chainbench validate: --threshold must be > 0, --replications >= 1 and "
+              "--core-limit >= 0", file=sys.stderr)
         return 2
     curves: list[Run] | None = [] if ns.plot else None
     try:
         _, scores = validate(ns.calibrate_on, ns.validate_on, ns.replications, ns.seed,
-                             pool=not ns.per_run, curves=curves)
+                             pool=not ns.per_run, curves=curves, core_limit=ns.core_limit)
     except INPUT_ERRORS as exc:
         print(f"chainbench validate: {exc}", file=sys.stderr)
         return 2
@@ -310,6 +316,7 @@ def main(argv: list[str]) -> int:
     unscored = [s for s in scores if s.error is None]
     if ns.json:
         print(json.dumps({"threshold": ns.threshold, "passed": not failed,
+                          "core_limit": ns.core_limit,
                           "scores": [s.to_json() for s in scores]}, indent=2))
     else:
         print(render(scores, ns.threshold))

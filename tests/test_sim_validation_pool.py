@@ -234,3 +234,18 @@ def test_scores_carry_the_measurements_own_interval(sessions, capsys):
     table = render([wide, narrow], 0.10).splitlines()
     assert table[1].endswith("FAIL (inside the measured interval)")
     assert table[2].endswith("FAIL") and "-30%..+60%" in table[1]
+
+
+def test_core_limit_what_if_changes_the_prediction_and_is_checked(sessions, capsys):
+    seq, c10 = sessions
+    args = ["--calibrate-on", str(seq), "--validate-on", *map(str, c10), "--replications", "2",
+            "--threshold", "10", "--json"]
+    validate_main(args)
+    plain = json.loads(capsys.readouterr().out)
+    validate_main(args + ["--core-limit", "1"])
+    limited = json.loads(capsys.readouterr().out)
+    assert plain["core_limit"] == 0 and limited["core_limit"] == 1
+    p = {(s["chain"], s["metric"]): s["predicted"] for s in plain["scores"]}
+    q = {(s["chain"], s["metric"]): s["predicted"] for s in limited["scores"]}
+    assert p.keys() == q.keys() and p != q  # one job at a time on the cores: not the same
+    assert validate_main(args + ["--core-limit", "-1"]) == 2
