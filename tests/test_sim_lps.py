@@ -4,49 +4,31 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import simpy
 
 from sim.calibration import prior_calibration
 from sim.chains import ChainError, build_program, start_sequence, stop_sequence
-from sim.cores import PSCores
 from sim.fast import simulate_nodes
 from sim.model import draw_nodes
 from sim.scenario_model import SettingsError, parse_settings
 from test_sim_fast import _fast_equals_naive
-from test_sim_ps import _accept_first, _with_offpath
+from test_sim_ps import _accept_first, _serve, _with_offpath
 
 CAL = prior_calibration()
 MS = 1_000_000
 
 
-def _serve(cores: int, limit: int, jobs: list[tuple[int, int]]) -> list[int]:
-    env = simpy.Environment()
-    ps = PSCores(env, cores, limit)
-    out = [0] * len(jobs)
-
-    def job(i: int, at: int, work: int):
-        yield env.timeout(at)
-        yield ps.run(work)
-        out[i] = int(env.now)
-
-    for i, (at, work) in enumerate(jobs):
-        env.process(job(i, at, work))
-    env.run()
-    return out
-
-
 def test_limit_one_serves_in_arrival_order():
-    assert _serve(1, 1, [(0, 10 * MS)] * 3) == [10 * MS, 20 * MS, 30 * MS]
+    assert _serve(1, [(0, 10 * MS)] * 3, limit=1) == [10 * MS, 20 * MS, 30 * MS]
 
 
 def test_limit_two_on_one_core_shares_two_then_lets_the_third_in():
     # A and B at half speed until 20 ms; C waits, then runs alone: 30 ms.
-    assert _serve(1, 2, [(0, 10 * MS)] * 3) == [20 * MS, 20 * MS, 30 * MS]
+    assert _serve(1, [(0, 10 * MS)] * 3, limit=2) == [20 * MS, 20 * MS, 30 * MS]
 
 
 def test_a_limit_above_the_jobs_in_flight_is_plain_sharing():
     jobs = [(0, 6 * MS), (MS, 4 * MS), (2 * MS, 9 * MS), (2 * MS, 3 * MS)]
-    assert _serve(2, 4, jobs) == _serve(2, 0, jobs)
+    assert _serve(2, jobs, limit=4) == _serve(2, jobs)
 
 
 @pytest.mark.parametrize("chain", ["shim", "sandbox"])

@@ -18,10 +18,11 @@ CAL = prior_calibration()
 MS = 1_000_000
 
 
-def _serve(cores: int, jobs: list[tuple[int, int]]) -> list[int]:
-    """Departure instants of jobs (arrival ns, work ns) on the reference server."""
+def _serve(cores: int, jobs: list[tuple[int, int]], limit: int = 0) -> list[int]:
+    """Departure instants of jobs (arrival ns, work ns) on the reference server (`limit`:
+    at most that many share the cores)."""
     env = simpy.Environment()
-    ps = PSCores(env, cores)
+    ps = PSCores(env, cores, limit)
     out = [0] * len(jobs)
 
     def job(i: int, at: int, work: int):
