@@ -144,7 +144,7 @@ class Bench:
     async def start_chains(self) -> None:
         self.run_base.mkdir(parents=True, exist_ok=True)
         self.run_dir_fs = mount_tmpfs(self.run_base)
-        if self.run_dir_fs != MOUNTED and self.run_dir_fs != "tmpfs":
+        if self.run_dir_fs not in (MOUNTED, "tmpfs"):
             self.say(f"warning: run dir on {self.run_dir_fs}: file metadata stalls of that "
                      "filesystem will show in the timings (bench.statefs)")
         vidx = {v.name: i for i, v in enumerate(self.o.variants)}

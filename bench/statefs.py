@@ -21,9 +21,10 @@ import os
 from pathlib import Path
 
 from bench.processes import unescape_mount
+from bench.sandboxer import nspin
+from bench.sandboxer.bundle import MS_NODEV, MS_NOSUID
 
 MOUNTED = "tmpfs (mounted for the run)"
-MS_NOSUID, MS_NODEV = 2, 4
 
 
 def filesystem_of(path: str | os.PathLike[str]) -> str:
@@ -49,8 +50,6 @@ def mount_tmpfs(path: Path) -> str:
     fs = filesystem_of(path)
     if fs == "tmpfs":
         return "tmpfs"
-    from bench.sandboxer import nspin
-
     try:
         # mode 0755 like /run; nosuid/nodev like /run on a systemd host.  No size cap: the
         # run's state is a few MB (microVM snapshots live in the asset cache, not here).

@@ -92,11 +92,15 @@ class Tracer:
         start = time.perf_counter_ns()
         try:
             yield
-            extra = self.slowdown.get(step)
-            if extra:
-                await asyncio.sleep(extra * (time.perf_counter_ns() - start) / 1e9)
+            await self.stretch(step, start)
         finally:
             self.record(pod, call, step, start, time.perf_counter_ns(), component)
+
+    async def stretch(self, step: str, start_ns: int) -> None:
+        """The slowdown knob: sleep the step's FRACTION of the time since start_ns (if any)."""
+        extra = self.slowdown.get(step)
+        if extra:
+            await asyncio.sleep(extra * (time.perf_counter_ns() - start_ns) / 1e9)
 
     def flush(self) -> None:
         if self.path is None:

@@ -144,7 +144,7 @@ def simulate_chain(scenario: Scenario, settings: SimSettings, cal: Calibration, 
     prune = settings.engine == "fast"
     cps = int(scenario.containers_per_pod)
     sh = settings.core_sharing or cal.core_sharing
-    lim = settings.core_limit or 0
+    lim = settings.core_limit
     prog = build_program(model, start_sequence(cps), caps, in_flight, prune, sh, lim)
     stop_prog = build_program(model, stop_sequence(cps), caps, min(conc, pods), prune, sh, lim)
     total = pods * nodes if arr.times is None else int((arr.times < INF).sum())

@@ -323,8 +323,10 @@ def run_nodes(kind: np.ndarray, bare: np.ndarray, res_of: np.ndarray, caps: np.n
                         _put(tn, tt, ask, _INF)
             for kk in range(ns):
                 # With limited sharing the order of one instant's core asks decides who gets
-                # in: the reference's releasing pod asks before the waiter it handed its pool
-                # to (the stack holds them the other way round); plain sharing commutes.
+                # in: on the shared cores the reference's releasing pod asks before the waiter
+                # it handed its pool to, while FIFO cores take the waiter first (the stack's
+                # order; checked: reversing it for FIFO breaks the equality tests); plain
+                # sharing commutes.
                 k = ns - 1 - kk if ps_lim > 0 else kk
                 p = stk_i[k]
                 jp = stk_j[k]

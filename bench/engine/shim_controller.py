@@ -91,6 +91,13 @@ class ShimController(TaskApiController):
         self.rootfs = ""
         self._pods: dict[str, _Pod] = {}
         self.runc_root = os.path.join(cfg.state_dir, "runc")
+        # Task.Create's runc options (the runc root), for the pause and every container of the
+        # runc shim; another shim (the vm shim) reads `options` as its own.
+        self._runc_options: any_pb2.Any | None = None
+        if not rt.vm and os.path.basename(rt.shim_binary).startswith("containerd-shim-runc"):
+            self._runc_options = any_pb2.Any(
+                type_url=RUNC_OPTIONS_TYPE_URL,
+                value=runc_options_pb2.Options(root=self.runc_root).SerializeToString())
 
     async def init(self) -> None:
         # Built once into the cache; later engines find it there.
@@ -109,13 +116,7 @@ class ShimController(TaskApiController):
         return str(sb.status.backend.get("shim_address") or sb.status.task_address)
 
     def _create_options(self, run: ContainerRun | None = None) -> any_pb2.Any | None:
-        """Task.Create's runc options (the runc root), for the pause and every container of
-        the runc shim; another shim (the vm shim) reads `options` as its own."""
-        if self.rt.vm or not os.path.basename(self.rt.shim_binary).startswith(
-                "containerd-shim-runc"):
-            return None
-        opts = runc_options_pb2.Options(root=self.runc_root)
-        return any_pb2.Any(type_url=RUNC_OPTIONS_TYPE_URL, value=opts.SerializeToString())
+        return self._runc_options
 
     def _bundle(self, id_: str) -> Path:
         return self.store.bundle_dir(id_)
@@ -141,9 +142,7 @@ class ShimController(TaskApiController):
             try:
                 handle = await asyncio.wait_for(start_shim(self.shim, sb.id, bundle),
                                                 call_timeout(self.cfg.call_timeout_s))
-                extra = self.tracer.slowdown.get("shim.spawn")
-                if extra:
-                    await asyncio.sleep(extra * (time.perf_counter_ns() - t0) / 1e9)
+                await self.tracer.stretch("shim.spawn", t0)
             finally:
                 # Two adjacent spans (a pod's steps still add up): shim.launch until `start`
                 # has exec'd (forked in a worker thread, bench.offloop: under load the child

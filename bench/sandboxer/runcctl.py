@@ -55,11 +55,11 @@ class Runc:
             await asyncio.shield(offloop.wait(proc))
             raise
         if proc.returncode != 0:
-            msg = (err or b"").decode(errors="replace")
+            msg = err.decode(errors="replace")
             if log:
                 msg = _last_log_error(log) or msg
             raise RuncError(list(args), msg or f"exit status {proc.returncode}")
-        return out or b""
+        return out
 
     async def create(self, cid: str, bundle: str, pid_file: str, log: str,
                      stdio: tuple[int, int, int]) -> None:
